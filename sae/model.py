@@ -1,0 +1,378 @@
+"""Sparse-autoencoder models: JumpReLU (GDM / Anthropic recipes) and TopK, in Flax NNX.
+
+Notation (../shared/papers/jumprelu.md, Rajamanoharan et al. 2024, arXiv 2407.14435):
+    x ∈ R^d (one activation), M latents, parameters
+        W_enc (d, M), b_enc (M,), W_dec (M, d), b_dec (d,), threshold θ (M,) > 0.
+    π(x) = (x − b_dec·[apply_b_dec_to_input]) W_enc + b_enc        pre-activations (eq. 1)
+    f(x) = JumpReLU_θ(π) = π ⊙ H(π − θ)                             codes (eq. 2)
+    x̂(x) = f(x) W_dec + b_dec                                        reconstruction (eq. 3)
+
+Everything below is usable without any training code:
+
+* the pure functions ``encode(params, x)``, ``decode(params, f)``, ``reconstruct(params, x)``
+  work on a plain mapping of arrays with keys W_enc, b_enc, W_dec, b_dec, threshold (the
+  Gemma Scope layout, see ``sae.io``) and are jit/vmap-able;
+* the NNX modules ``JumpReLUSAE`` and ``TopKSAE`` hold the same parameters as ``nnx.Param``
+  and expose ``encode/decode/__call__/loss`` and ``params()`` (a plain dict of arrays).
+
+Shapes: ``x`` is (..., d); codes ``f`` and pre-activations are (..., M).
+"""
+from __future__ import annotations
+
+import math
+from typing import Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Array = jax.Array
+
+__all__ = [
+    "rectangle",
+    "jumprelu",
+    "step",
+    "pre_activations",
+    "encode",
+    "decode",
+    "reconstruct",
+    "topk_codes",
+    "JumpReLUSAE",
+    "TopKSAE",
+    "LossParts",
+]
+
+
+# --------------------------------------------------------------------------------------
+# Straight-through JumpReLU / Heaviside with rectangle-kernel pseudo-derivatives
+# --------------------------------------------------------------------------------------
+def rectangle(u: Array) -> Array:
+    """Rectangle kernel K(u) = 1[−½ < u < ½] (jumprelu.md, §"Straight-through")."""
+    return ((u > -0.5) & (u < 0.5)).astype(u.dtype)
+
+
+@jax.custom_vjp
+def jumprelu(z: Array, theta: Array, eps: Array) -> Array:
+    """JumpReLU_θ(z) = z · H(z − θ), elementwise; θ broadcasts against z (eq. 2).
+
+    Pseudo-derivatives (Rajamanoharan et al. 2024, eq. 11; rectangle kernel, bandwidth ε):
+        ∂/∂z  := H(z − θ)
+        ∂/∂θ  := −(θ/ε) K((z − θ)/ε)
+        ∂/∂ε  := 0   (ε is a hyper-parameter; it may be traced for vmapped sweeps)
+    """
+    return z * (z > theta).astype(z.dtype)
+
+
+def _jumprelu_fwd(z, theta, eps):
+    return jumprelu(z, theta, eps), (z, theta, eps)
+
+
+def _jumprelu_bwd(res, g):
+    z, theta, eps = res
+    eps_c = jnp.asarray(eps, z.dtype)
+    gz = g * (z > theta).astype(z.dtype)
+    gtheta = -(theta / eps_c) * rectangle((z - theta) / eps_c) * g
+    gtheta = _unbroadcast(gtheta, jnp.shape(theta))
+    return gz, gtheta.astype(jnp.result_type(theta)), jnp.zeros_like(eps)
+
+
+jumprelu.defvjp(_jumprelu_fwd, _jumprelu_bwd)
+
+
+@jax.custom_vjp
+def step(z: Array, theta: Array, eps: Array) -> Array:
+    """Heaviside step H(z − θ), elementwise (the L0 counter of eq. 4).
+
+    Pseudo-derivatives (Rajamanoharan et al. 2024, eq. 12):
+        ∂/∂z := 0,   ∂/∂θ := −(1/ε) K((z − θ)/ε),   ∂/∂ε := 0
+    so the L0 sparsity loss trains only θ.
+    """
+    return (z > theta).astype(z.dtype)
+
+
+def _step_fwd(z, theta, eps):
+    return step(z, theta, eps), (z, theta, eps)
+
+
+def _step_bwd(res, g):
+    z, theta, eps = res
+    eps_c = jnp.asarray(eps, z.dtype)
+    gtheta = -(1.0 / eps_c) * rectangle((z - theta) / eps_c) * g
+    gtheta = _unbroadcast(gtheta, jnp.shape(theta))
+    return jnp.zeros_like(z), gtheta.astype(jnp.result_type(theta)), jnp.zeros_like(eps)
+
+
+step.defvjp(_step_fwd, _step_bwd)
+
+
+def _unbroadcast(g: Array, shape: tuple) -> Array:
+    """Sum ``g`` over the axes that were broadcast to reach its shape from ``shape``."""
+    if g.shape == tuple(shape):
+        return g
+    lead = g.ndim - len(shape)
+    g = g.sum(axis=tuple(range(lead))) if lead > 0 else g
+    axes = tuple(i for i, s in enumerate(shape) if s == 1 and g.shape[i] != 1)
+    return g.sum(axis=axes, keepdims=True) if axes else g
+
+
+# --------------------------------------------------------------------------------------
+# Pure functions on a params mapping (Gemma Scope layout)
+# --------------------------------------------------------------------------------------
+def _mm(a, w, compute_dtype):
+    if compute_dtype is None:
+        return jnp.matmul(a.astype(w.dtype), w)
+    return jnp.matmul(a.astype(compute_dtype), w.astype(compute_dtype),
+                      preferred_element_type=jnp.float32).astype(w.dtype)
+
+
+def pre_activations(params: Mapping[str, Array], x: Array, *,
+                    apply_b_dec_to_input: bool = True, compute_dtype=None) -> Array:
+    """π(x) = (x − b_dec·[apply_b_dec_to_input]) W_enc + b_enc (eq. 1). (..., d) → (..., M).
+
+    ``compute_dtype`` (e.g. ``jnp.bfloat16``) casts the matmul operands, accumulating in f32.
+    """
+    w_enc = params["W_enc"]
+    if apply_b_dec_to_input:
+        x = x - params["b_dec"].astype(x.dtype)
+    return _mm(x, w_enc, compute_dtype) + params["b_enc"]
+
+
+def encode(params: Mapping[str, Array], x: Array, *, apply_b_dec_to_input: bool = True,
+           k: int | None = None) -> Array:
+    """Codes f(x) of a JumpReLU SAE (eq. 2), or of a TopK SAE when ``k`` is given.
+
+    x: (..., d) → f: (..., M). With ``k`` the threshold is not used (f = ReLU(TopK(π))).
+    """
+    pi = pre_activations(params, x, apply_b_dec_to_input=apply_b_dec_to_input)
+    if k is not None:
+        return topk_codes(pi, k)
+    theta = params["threshold"]
+    return pi * (pi > theta).astype(pi.dtype)
+
+
+def decode(params: Mapping[str, Array], f: Array, *, compute_dtype=None) -> Array:
+    """x̂ = f W_dec + b_dec (eq. 3). (..., M) → (..., d)."""
+    return _mm(f, params["W_dec"], compute_dtype) + params["b_dec"]
+
+
+def reconstruct(params: Mapping[str, Array], x: Array, *, apply_b_dec_to_input: bool = True,
+                k: int | None = None) -> Array:
+    """x̂(x) = decode(encode(x)). (..., d) → (..., d)."""
+    return decode(params, encode(params, x, apply_b_dec_to_input=apply_b_dec_to_input, k=k))
+
+
+def topk_codes(pi: Array, k: int) -> Array:
+    """f = ReLU(TopK(π)): keep the k largest pre-activations per row, zero the rest.
+
+    (Gao et al. 2024, "Scaling and evaluating sparse autoencoders", eq. 3.) (..., M) → (..., M).
+    Gradient flows to the kept entries only (ties at the k-th value may keep more than k).
+    """
+    kth = jax.lax.top_k(pi, k)[0][..., -1:]
+    return jax.nn.relu(pi) * (pi >= kth).astype(pi.dtype)
+
+
+# --------------------------------------------------------------------------------------
+# NNX modules
+# --------------------------------------------------------------------------------------
+class LossParts(NamedTuple):
+    """Per-batch loss terms (scalars) and the activity needed by counters/metrics.
+
+    loss = mse + sparsity + preact; ``fired`` (M,) counts, over the batch, examples whose
+    latent fired; ``l0`` mean active latents per example; ``sse`` Σ‖x − x̂‖²; ``sst``
+    Σ‖x − mean(x)‖² (batch mean), so EV = 1 − sse/sst.
+    """
+
+    loss: Array
+    mse: Array
+    sparsity: Array
+    preact: Array
+    l0: Array
+    sse: Array
+    sst: Array
+    fired: Array
+
+
+def _check_positive_int(name, v):
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"{name} must be an int, got {type(v).__name__} {v!r}")
+    if v <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {name}={v}")
+
+
+def _check_positive(name, v):
+    try:
+        fv = float(v)
+    except Exception as e:  # noqa: BLE001
+        raise TypeError(f"{name} must be a real number, got {type(v).__name__} {v!r}") from e
+    if not math.isfinite(fv) or fv <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {name}={v!r}")
+
+
+def _init_weights(key, d, M, dtype):
+    """GDM init (jumprelu.md): W_dec rows He-uniform then unit norm; W_enc = W_decᵀ."""
+    bound = math.sqrt(6.0 / M)  # He-uniform with fan_in = M (decoder input dim)
+    w_dec = jax.random.uniform(key, (M, d), jnp.float32, -bound, bound)
+    w_dec = w_dec / jnp.linalg.norm(w_dec, axis=1, keepdims=True)
+    return w_dec.T.astype(dtype), w_dec.astype(dtype)
+
+
+class _SAEBase(nnx.Module):
+    d_in: int
+    width: int
+    apply_b_dec_to_input: bool
+    compute_dtype = None  # matmul operand dtype (None: parameter dtype)
+
+    def params(self) -> dict[str, Array]:
+        """Plain dict (Gemma Scope layout): W_enc (d,M), W_dec (M,d), b_enc (M,), b_dec (d,),
+        threshold (M,) (for TopK: zeros, unused)."""
+        return {
+            "W_enc": self.W_enc[...],
+            "W_dec": self.W_dec[...],
+            "b_enc": self.b_enc[...],
+            "b_dec": self.b_dec[...],
+            "threshold": self.threshold,
+        }
+
+    def pre_activations(self, x: Array) -> Array:
+        """π(x), eq. 1. (..., d) → (..., M)."""
+        return pre_activations(self.params(), x, apply_b_dec_to_input=self.apply_b_dec_to_input,
+                               compute_dtype=self.compute_dtype)
+
+    def decode(self, f: Array) -> Array:
+        """x̂ = f W_dec + b_dec, eq. 3. (..., M) → (..., d)."""
+        return decode(self.params(), f, compute_dtype=self.compute_dtype)
+
+    def __call__(self, x: Array) -> Array:
+        """Reconstruction x̂(x). (..., d) → (..., d)."""
+        return self.decode(self.encode(x))
+
+    def decoder_norms(self) -> Array:
+        """‖d_i‖ = row norms of W_dec, (M,)."""
+        return jnp.linalg.norm(self.W_dec[...].astype(jnp.float32), axis=-1)
+
+    def _recon_terms(self, x, x_hat):
+        xf = x.astype(jnp.float32)
+        err = xf - x_hat.astype(jnp.float32)
+        sse = jnp.sum(err * err)
+        sst = jnp.sum(jnp.square(xf - xf.mean(axis=0)))
+        return sse / x.shape[0], sse, sst
+
+
+class JumpReLUSAE(_SAEBase):
+    """JumpReLU SAE (Rajamanoharan et al. 2024) as a Flax NNX module.
+
+    Args:
+      d_in: input width d.  width: number of latents M.
+      rngs: ``nnx.Rngs`` (uses ``rngs.params()``).
+      theta_init: initial per-latent threshold (GDM 0.001; Anthropic recipe 0.1).
+      log_theta: store θ as log θ (SAELens-style) instead of raw θ (default raw: log θ barely
+        moves under Adam, SAELens PR #718).
+      apply_b_dec_to_input: subtract b_dec from x before encoding (eq. 1).
+      dtype: parameter dtype (float32 default).
+    Init (jumprelu.md): W_dec rows He-uniform then unit-norm, W_enc = W_decᵀ, biases 0.
+    """
+
+    def __init__(self, d_in: int, width: int, *, rngs: nnx.Rngs, theta_init=0.001,
+                 log_theta: bool = False, apply_b_dec_to_input: bool = True,
+                 dtype=jnp.float32):
+        _check_positive_int("d_in", d_in)
+        _check_positive_int("width", width)
+        if not isinstance(theta_init, jax.core.Tracer):
+            _check_positive("theta_init", theta_init)
+        self.d_in, self.width = d_in, width
+        self.log_theta = bool(log_theta)
+        self.apply_b_dec_to_input = bool(apply_b_dec_to_input)
+        w_enc, w_dec = _init_weights(rngs.params(), d_in, width, dtype)
+        self.W_enc = nnx.Param(w_enc)
+        self.W_dec = nnx.Param(w_dec)
+        self.b_enc = nnx.Param(jnp.zeros((width,), dtype))
+        self.b_dec = nnx.Param(jnp.zeros((d_in,), dtype))
+        t0 = jnp.full((width,), theta_init, jnp.float32)
+        self.theta = nnx.Param((jnp.log(t0) if self.log_theta else t0).astype(dtype))
+
+    @property
+    def threshold(self) -> Array:
+        """θ (M,), positive (exp of the stored value under the log parameterisation)."""
+        t = self.theta[...]
+        return jnp.exp(t) if self.log_theta else t
+
+    def encode(self, x: Array, eps: float | Array = 1e-3) -> Array:
+        """f(x) = JumpReLU_θ(π(x)) with the straight-through gradient of bandwidth ε (eq. 2).
+        (..., d) → (..., M)."""
+        return jumprelu(self.pre_activations(x), self.threshold, jnp.asarray(eps))
+
+    def loss(self, x: Array, *, lam, eps, sparsity: str = "l0", tanh_c: float = 4.0,
+             preact_coef: float = 0.0, preact_mask: Array | None = None) -> LossParts:
+        """Training loss on a batch x (B, d); mean over the batch.
+
+        ``sparsity="l0"`` (GDM, Rajamanoharan et al. eq. 4, L0 on pre-activations):
+            L = ‖x − x̂‖² + λ Σ_i H(π_i − θ_i)
+        ``sparsity="tanh"`` (Anthropic Jan 2025 update; reconstructed from jumprelu.md):
+            L = ‖x − x̂‖² + λ Σ_i tanh(c · f_i · ‖d_i‖) + c_p Σ_i ReLU(θ_i − π_i) ‖d_i‖ · m_i
+        where m_i = ``preact_mask`` (e.g. dead latents; all ones when None).
+        """
+        pi = self.pre_activations(x)
+        theta = self.threshold
+        eps = jnp.asarray(eps, jnp.float32)
+        f = jumprelu(pi, theta, eps)
+        x_hat = self.decode(f)
+        mse, sse, sst = self._recon_terms(x, x_hat)
+        active = step(pi, theta, eps)  # straight-through only into θ
+        l0_per = active.sum(axis=-1)
+        fired = jax.lax.stop_gradient(active).sum(axis=0)
+        if sparsity == "l0":
+            sp = jnp.mean(l0_per)
+            pre = jnp.zeros((), jnp.float32)
+        elif sparsity == "tanh":
+            dn = self.decoder_norms()
+            sp = jnp.mean(jnp.sum(jnp.tanh(tanh_c * jnp.abs(f) * dn), axis=-1))
+            w = dn if preact_mask is None else dn * preact_mask
+            pre = jnp.mean(jnp.sum(jax.nn.relu(theta - pi) * w, axis=-1))
+        else:
+            raise ValueError(f"sparsity must be 'l0' or 'tanh', got sparsity={sparsity!r}")
+        sparsity_term = lam * sp
+        pre_term = preact_coef * pre
+        loss = mse + sparsity_term + pre_term
+        return LossParts(loss, mse, sparsity_term, pre_term,
+                         jax.lax.stop_gradient(jnp.mean(l0_per)), sse, sst, fired)
+
+
+class TopKSAE(_SAEBase):
+    """TopK SAE baseline (Gao et al. 2024): f = ReLU(TopK_k(π)), loss ‖x − x̂‖².
+
+    Same parameters as ``JumpReLUSAE`` except θ (``threshold`` returns zeros, unused).
+    The AuxK dead-latent loss of Gao et al. is not implemented.
+    """
+
+    def __init__(self, d_in: int, width: int, k: int, *, rngs: nnx.Rngs,
+                 apply_b_dec_to_input: bool = True, dtype=jnp.float32):
+        _check_positive_int("d_in", d_in)
+        _check_positive_int("width", width)
+        _check_positive_int("k", k)
+        if k > width:
+            raise ValueError(f"k must be ≤ width, got k={k}, width={width}")
+        self.d_in, self.width, self.k = d_in, width, k
+        self.apply_b_dec_to_input = bool(apply_b_dec_to_input)
+        w_enc, w_dec = _init_weights(rngs.params(), d_in, width, dtype)
+        self.W_enc = nnx.Param(w_enc)
+        self.W_dec = nnx.Param(w_dec)
+        self.b_enc = nnx.Param(jnp.zeros((width,), dtype))
+        self.b_dec = nnx.Param(jnp.zeros((d_in,), dtype))
+
+    @property
+    def threshold(self) -> Array:
+        return jnp.zeros((self.width,), self.W_enc[...].dtype)
+
+    def encode(self, x: Array, eps=None) -> Array:
+        """f = ReLU(TopK(π(x))). (..., d) → (..., M)."""
+        return topk_codes(self.pre_activations(x), self.k)
+
+    def loss(self, x: Array, *, lam=0.0, eps=None, sparsity: str = "l0", tanh_c: float = 4.0,
+             preact_coef: float = 0.0, preact_mask=None) -> LossParts:
+        """L = ‖x − x̂‖² (mean over the batch); λ is ignored (sparsity is fixed at k)."""
+        f = self.encode(x)
+        x_hat = self.decode(f)
+        mse, sse, sst = self._recon_terms(x, x_hat)
+        active = jax.lax.stop_gradient((f > 0).astype(jnp.float32))
+        z = jnp.zeros((), jnp.float32)
+        return LossParts(mse, mse, z, z, jnp.mean(active.sum(-1)), sse, sst, active.sum(0))

@@ -1,0 +1,566 @@
+"""On-disk format of the activation cache and its reader, :class:`ActivationStore`.
+
+This module needs only numpy (and jax for device batches); it never imports torch.
+
+Layout of a cache folder ``out_dir``::
+
+    manifest.json                      # the commit point (written last, atomically)
+    shard_000000.layer_003.npy         # (n_tokens_0, d_model) activations after block 3
+    shard_000000.token_ids.npy         # (n_tokens_0,) int32 token id of each row
+    shard_000000.positions.npy         # (n_tokens_0,) int32 position in its sequence
+    shard_000000.text_index.npy        # (n_tokens_0,) int64 index of its text in the source
+    shard_000001....
+
+Every file is plain ``.npy`` (memory-mappable with ``np.load(mmap_mode="r")``), written to a
+temporary name, fsync'ed, then renamed; the folder is fsync'ed after the rename. A shard
+exists only once ``manifest.json`` lists it with the sha256 and size of each of its files.
+``bfloat16`` activations are stored as their raw 16-bit patterns (``uint16`` on disk, dtype
+``"bfloat16"`` in the manifest) and viewed as ``ml_dtypes.bfloat16`` on read.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import queue
+import threading
+from pathlib import Path
+from typing import Any, Iterator, NamedTuple
+
+import numpy as np
+
+__all__ = [
+    "ActivationStore",
+    "Moments",
+    "MANIFEST_NAME",
+    "FORMAT",
+    "read_manifest",
+    "verify_cache",
+]
+
+MANIFEST_NAME = "manifest.json"
+FORMAT = "sae.activations/1"
+_STORAGE_DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"),
+                   "bfloat16": np.dtype("<u2")}
+_VERIFY_LEVELS = ("full", "size", "none")
+
+
+# ---------------------------------------------------------------------------- atomic writes
+def fsync_dir(path: Path) -> None:
+    """fsync a folder so that renames inside it are durable (no-op where unsupported)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - e.g. Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically: tmp file, fsync, ``os.replace``, fsync folder."""
+    tmp = _tmp_name(path)
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+class _HashingWriter:
+    """File-like object that writes through to ``f`` while hashing what was written."""
+
+    def __init__(self, f):
+        self.f, self.h, self.n = f, hashlib.sha256(), 0
+
+    def write(self, b) -> int:
+        mv = memoryview(b).cast("B")
+        self.h.update(mv)
+        self.n += mv.nbytes
+        return self.f.write(mv)
+
+
+def atomic_save_npy(path: Path, arr: np.ndarray, *, sync_dir: bool = True) -> dict:
+    """Save ``arr`` as ``.npy`` atomically; return ``{"file", "sha256", "bytes"}``."""
+    arr = np.ascontiguousarray(arr)
+    tmp = _tmp_name(path)
+    with open(tmp, "wb") as f:
+        w = _HashingWriter(f)
+        np.lib.format.write_array(w, arr, allow_pickle=False)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    if sync_dir:
+        fsync_dir(path.parent)
+    return {"file": path.name, "sha256": w.h.hexdigest(), "bytes": w.n}
+
+
+def write_manifest(out_dir: Path, manifest: dict) -> None:
+    """Atomically (re)write ``manifest.json`` — the commit point of the cache."""
+    data = json.dumps(manifest, indent=1, sort_keys=True).encode()
+    atomic_write_bytes(Path(out_dir) / MANIFEST_NAME, data)
+
+
+def shard_file_name(index: int, key: str) -> str:
+    """File name of one array of shard ``index``; ``key`` is ``layer_###`` or a token field."""
+    return f"shard_{index:06d}.{key}.npy"
+
+
+def layer_key(layer: int) -> str:
+    return f"layer_{layer:03d}"
+
+
+# ---------------------------------------------------------------------------- reading
+def read_manifest(path: str | os.PathLike) -> dict:
+    """Load and sanity-check ``manifest.json`` of the cache folder ``path``.
+
+    Raises:
+      FileNotFoundError: no such folder or no manifest in it.
+      ValueError: unreadable manifest or unknown format.
+    """
+    p = Path(path)
+    if not p.is_dir():
+        raise FileNotFoundError(f"path={str(path)!r}: no such cache folder")
+    mf = p / MANIFEST_NAME
+    if not mf.is_file():
+        raise FileNotFoundError(
+            f"path={str(path)!r}: no {MANIFEST_NAME} (not an activation cache, or no shard "
+            f"committed yet)"
+        )
+    try:
+        manifest = json.loads(mf.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"path={str(path)!r}: unreadable {MANIFEST_NAME}: {e}") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ValueError(
+            f"path={str(path)!r}: manifest format {manifest.get('format')!r}, expected {FORMAT!r}"
+        )
+    for key in ("layers", "d_model", "dtype", "shards"):
+        if key not in manifest:
+            raise ValueError(f"path={str(path)!r}: manifest lacks the field {key!r}")
+    return manifest
+
+
+def _sha256_file(path: Path, chunk: int = 1 << 23) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(chunk)
+        mv = memoryview(buf)
+        while True:
+            n = f.readinto(buf)
+            if not n:
+                break
+            h.update(mv[:n])
+    return h.hexdigest()
+
+
+def _expected_arrays(manifest: dict, shard: dict) -> dict[str, tuple[tuple, np.dtype]]:
+    n, d = int(shard["n_tokens"]), int(manifest["d_model"])
+    act = _STORAGE_DTYPES[manifest["dtype"]]
+    out = {layer_key(l): ((n, d), act) for l in manifest["layers"]}
+    out.update(token_ids=((n,), np.dtype("<i4")), positions=((n,), np.dtype("<i4")),
+               text_index=((n,), np.dtype("<i8")))
+    return out
+
+
+def verify_cache(path: str | os.PathLike, verify: str = "full") -> dict:
+    """Check that every shard the manifest lists is present and intact; return the manifest.
+
+    Args:
+      verify: ``"full"`` (size, .npy header, sha256 of every file), ``"size"`` (size and
+        header only: catches missing and truncated files) or ``"none"``.
+
+    Raises:
+      FileNotFoundError: missing manifest or shard file.
+      ValueError: truncated file, header (shape/dtype) not matching the manifest, or a
+        checksum mismatch (corrupted file).
+    """
+    if verify not in _VERIFY_LEVELS:
+        raise ValueError(f"verify={verify!r}: expected one of {_VERIFY_LEVELS}")
+    manifest = read_manifest(path)
+    if manifest["dtype"] not in _STORAGE_DTYPES:
+        raise ValueError(f"path={str(path)!r}: manifest dtype {manifest['dtype']!r} unknown")
+    if verify == "none":
+        return manifest
+    root = Path(path)
+    for shard in manifest["shards"]:
+        expected = _expected_arrays(manifest, shard)
+        if set(shard["files"]) != set(expected):
+            raise ValueError(
+                f"shard {shard['index']}: manifest lists files {sorted(shard['files'])}, "
+                f"expected {sorted(expected)}"
+            )
+        for key, (shape, dtype) in expected.items():
+            info = shard["files"][key]
+            f = root / info["file"]
+            if not f.is_file():
+                raise FileNotFoundError(f"shard {shard['index']}: missing file {f}")
+            size = f.stat().st_size
+            if size != info["bytes"]:
+                raise ValueError(
+                    f"shard {shard['index']}: file {f.name} has {size} bytes, manifest says "
+                    f"{info['bytes']} ({'truncated' if size < info['bytes'] else 'too long'})"
+                )
+            try:
+                mm = np.load(f, mmap_mode="r")
+            except ValueError as e:
+                raise ValueError(f"shard {shard['index']}: unreadable .npy {f.name}: {e}") from e
+            if mm.shape != shape or mm.dtype != dtype:
+                raise ValueError(
+                    f"shard {shard['index']}: file {f.name} holds {mm.shape} {mm.dtype}, "
+                    f"manifest expects {shape} {dtype}"
+                )
+            del mm
+            if verify == "full":
+                digest = _sha256_file(f)
+                if digest != info["sha256"]:
+                    raise ValueError(
+                        f"shard {shard['index']}: checksum mismatch in {f.name} (sha256 "
+                        f"{digest[:16]}…, manifest {info['sha256'][:16]}…): file corrupted"
+                    )
+    return manifest
+
+
+class Moments(NamedTuple):
+    """Streaming statistics of one layer, float64.
+
+    mean: (d,) E[x]; second_moment: (d, d) uncentred E[x xᵀ]; count: number of rows."""
+
+    mean: np.ndarray
+    second_moment: np.ndarray
+    count: int
+
+
+def _view_activations(a: np.ndarray, dtype_name: str) -> np.ndarray:
+    if dtype_name == "bfloat16":
+        import ml_dtypes
+
+        return a.view(ml_dtypes.bfloat16)
+    return a
+
+
+class ActivationStore:
+    """Reader of an activation cache: shuffled ``(B, d)`` batches of one layer.
+
+    Iterating the store yields one epoch of batches ``(batch_size, d_model)`` as jax arrays
+    (prefetched onto ``device``/``sharding`` by a background thread, ``prefetch`` batches
+    ahead — 2 = double buffering), or numpy arrays with ``as_numpy=True``. Each new
+    ``iter(store)`` is the next epoch, reshuffled from ``(seed, epoch)``. It plugs straight
+    into SAE training: ``for x in store: state = step(state, x)``.
+
+    Shuffling: the shard order is permuted, then shards are taken ``window_shards`` at a
+    time (default: all shards = an exact global shuffle); the rows of a window are permuted
+    together, and rows left over at the end of a window carry into the next. Within one
+    batch, rows are grouped by shard and sorted by row (a batch is a random *set*; sorting
+    makes the memory-mapped reads nearly sequential). No row is repeated or skipped in an
+    epoch; with ``drop_last=True`` the final partial batch is dropped.
+
+    Args:
+      path: cache folder (written by :func:`sae.cache.cache_activations`).
+      layer: which cached layer to read; may be omitted when a single layer was cached.
+      batch_size: rows per batch B.
+      seed: shuffle seed.
+      shuffle: ``False`` reads rows in cache order (batches may span shards).
+      window_shards: shards mixed together per shuffle window (``None`` = all).
+      drop_last: drop the last, partial batch of an epoch.
+      prefetch: batches prepared ahead by the background thread (0 = synchronous).
+      device: a ``jax.Device`` for the batches (default device if ``None``).
+      sharding: a ``jax.sharding.Sharding`` or a ``Mesh`` (batch axis split over all mesh
+        axes: ``NamedSharding(mesh, P(mesh.axis_names, None))``).
+      as_numpy: yield numpy arrays instead of jax arrays (no device transfer).
+      dtype: cast batches to this dtype (default: the cached dtype).
+      verify: ``"full"`` (sha256 of every file, default), ``"size"`` or ``"none"``;
+        see :func:`verify_cache`.
+
+    Raises (on open, before any batch): FileNotFoundError / ValueError from
+    :func:`verify_cache`; ValueError for a layer not in the cache or bad arguments.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        layer: int | None = None,
+        batch_size: int = 4096,
+        *,
+        seed: int = 0,
+        shuffle: bool = True,
+        window_shards: int | None = None,
+        drop_last: bool = True,
+        prefetch: int = 2,
+        device: Any = None,
+        sharding: Any = None,
+        as_numpy: bool = False,
+        dtype: Any = None,
+        verify: str = "full",
+    ):
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r}: expected a positive int")
+        if not isinstance(prefetch, int) or prefetch < 0:
+            raise ValueError(f"prefetch={prefetch!r}: expected an int >= 0")
+        if window_shards is not None and (not isinstance(window_shards, int) or window_shards < 1):
+            raise ValueError(f"window_shards={window_shards!r}: expected None or a positive int")
+        self.path = Path(path)
+        self.manifest = verify_cache(path, verify)
+        self.layers: list[int] = [int(l) for l in self.manifest["layers"]]
+        if layer is None:
+            if len(self.layers) != 1:
+                raise ValueError(
+                    f"layer=None: the cache holds layers {self.layers}; pass one of them"
+                )
+            layer = self.layers[0]
+        if layer not in self.layers:
+            raise ValueError(f"layer={layer!r}: not in the cache, which holds {self.layers}")
+        self.layer = int(layer)
+        self.d_model = int(self.manifest["d_model"])
+        self.dtype_name = self.manifest["dtype"]
+        self.batch_size = batch_size
+        self.seed, self.shuffle, self.window_shards = int(seed), bool(shuffle), window_shards
+        self.drop_last, self.prefetch, self.as_numpy = bool(drop_last), prefetch, bool(as_numpy)
+        self.out_dtype = None if dtype is None else np.dtype(dtype)
+        self.device = device
+        self.sharding = self._resolve_sharding(sharding)
+        self.shard_sizes = np.array([s["n_tokens"] for s in self.manifest["shards"]], np.int64)
+        self.n_tokens = int(self.shard_sizes.sum())
+        self._offsets = np.concatenate([[0], np.cumsum(self.shard_sizes)])
+        self._mm: dict[tuple[int, str], np.ndarray] = {}
+        self._epoch = 0
+
+    # ------------------------------------------------------------------ construction helpers
+    def _resolve_sharding(self, sharding):
+        if sharding is None:
+            return None
+        import jax
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+        if isinstance(sharding, Mesh):
+            sharding = NamedSharding(sharding, PartitionSpec(tuple(sharding.axis_names), None))
+        if not isinstance(sharding, jax.sharding.Sharding):
+            raise TypeError(
+                f"sharding={type(sharding).__name__}: expected a jax.sharding.Sharding or Mesh"
+            )
+        try:
+            sharding.shard_shape((self.batch_size, int(self.manifest["d_model"])))
+        except ValueError as e:
+            raise ValueError(
+                f"batch_size={self.batch_size}: not divisible over sharding {sharding}: {e}"
+            ) from e
+        return sharding
+
+    # ------------------------------------------------------------------ raw access
+    def _memmap(self, shard: int, key: str) -> np.ndarray:
+        k = (shard, key)
+        if k not in self._mm:
+            info = self.manifest["shards"][shard]["files"][key]
+            self._mm[k] = np.load(self.path / info["file"], mmap_mode="r")
+        return self._mm[k]
+
+    def activations(self, shard: int, layer: int | None = None) -> np.ndarray:
+        """Memory-mapped activations of one shard: (n_tokens_shard, d_model), cached dtype."""
+        layer = self.layer if layer is None else layer
+        if layer not in self.layers:
+            raise ValueError(f"layer={layer!r}: not in the cache, which holds {self.layers}")
+        return _view_activations(self._memmap(shard, layer_key(layer)), self.dtype_name)
+
+    def tokens(self, shard: int) -> dict[str, np.ndarray]:
+        """Token ids, positions and text indices of the rows of one shard (memmaps, (n,))."""
+        return {k: self._memmap(shard, k) for k in ("token_ids", "positions", "text_index")}
+
+    @property
+    def n_shards(self) -> int:
+        return len(self.shard_sizes)
+
+    def __len__(self) -> int:
+        """Batches per epoch."""
+        full, rem = divmod(self.n_tokens, self.batch_size)
+        return full + (0 if self.drop_last or rem == 0 else 1)
+
+    # ------------------------------------------------------------------ batch plan
+    def _batch_plans(self, epoch: int) -> Iterator[list[tuple[int, np.ndarray]]]:
+        """Yield per batch a list of (shard, sorted row indices) — the rows to gather."""
+        B = self.batch_size
+        if not self.shuffle:
+            start = 0
+            while start < self.n_tokens:
+                stop = min(start + B, self.n_tokens)
+                if stop - start < B and self.drop_last:
+                    return
+                plan = []
+                for s in range(self.n_shards):
+                    lo, hi = max(start, self._offsets[s]), min(stop, self._offsets[s + 1])
+                    if lo < hi:
+                        plan.append((s, slice(int(lo - self._offsets[s]), int(hi - self._offsets[s]))))
+                yield plan
+                start = stop
+            return
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(self.n_shards)
+        w = self.window_shards or self.n_shards
+        pend_s = np.empty(0, np.int64)
+        pend_r = np.empty(0, np.int64)
+        for g in range(0, self.n_shards, w):
+            group = order[g:g + w]
+            sids = np.concatenate([np.full(self.shard_sizes[s], s, np.int64) for s in group])
+            rows = np.concatenate([np.arange(self.shard_sizes[s], dtype=np.int64) for s in group])
+            perm = rng.permutation(len(sids))
+            pend_s = np.concatenate([pend_s, sids[perm]])
+            pend_r = np.concatenate([pend_r, rows[perm]])
+            n_full = len(pend_s) // B
+            for b in range(n_full):
+                yield self._group(pend_s[b * B:(b + 1) * B], pend_r[b * B:(b + 1) * B])
+            pend_s, pend_r = pend_s[n_full * B:], pend_r[n_full * B:]
+        if len(pend_s) and not self.drop_last:
+            yield self._group(pend_s, pend_r)
+
+    @staticmethod
+    def _group(sids: np.ndarray, rows: np.ndarray) -> list[tuple[int, np.ndarray]]:
+        key = np.sort((sids << 32) | rows)
+        s_sorted = key >> 32
+        bounds = np.flatnonzero(np.diff(s_sorted)) + 1
+        starts = np.concatenate([[0], bounds])
+        ends = np.concatenate([bounds, [len(key)]])
+        mask = np.int64((1 << 32) - 1)
+        return [(int(s_sorted[a]), key[a:b] & mask) for a, b in zip(starts, ends)]
+
+    def _gather(self, plan) -> np.ndarray:
+        n = sum((p.stop - p.start) if isinstance(p, slice) else len(p) for _, p in plan)
+        key = layer_key(self.layer)
+        first = self._memmap(plan[0][0], key)
+        out = np.empty((n, self.d_model), first.dtype)
+        o = 0
+        for s, rows in plan:
+            mm = self._memmap(s, key)
+            if isinstance(rows, slice):
+                k = rows.stop - rows.start
+                out[o:o + k] = mm[rows]
+            else:
+                k = len(rows)
+                np.take(mm, rows, axis=0, out=out[o:o + k])
+            o += k
+        out = _view_activations(out, self.dtype_name)
+        if self.out_dtype is not None and out.dtype != self.out_dtype:
+            out = out.astype(self.out_dtype)
+        return out
+
+    def _to_device(self, x: np.ndarray):
+        if self.as_numpy:
+            return x
+        import jax
+
+        if self.sharding is not None:
+            return jax.device_put(x, self.sharding)
+        return jax.device_put(x, self.device)
+
+    # ------------------------------------------------------------------ iteration
+    def iter_epoch(self, epoch: int) -> Iterator[Any]:
+        """Batches of epoch ``epoch`` (deterministic in ``(seed, epoch)``)."""
+        produce = (self._to_device(self._gather(p)) for p in self._batch_plans(epoch))
+        if self.prefetch == 0:
+            yield from produce
+            return
+        yield from _prefetch(produce, self.prefetch)
+
+    def __iter__(self) -> Iterator[Any]:
+        epoch = self._epoch
+        self._epoch += 1
+        return self.iter_epoch(epoch)
+
+    def batches(self, num_batches: int | None = None, start_epoch: int = 0) -> Iterator[Any]:
+        """An endless (or ``num_batches`` long) stream of batches over successive epochs."""
+        if len(self) == 0:
+            raise ValueError(
+                f"batch_size={self.batch_size}: larger than the cache ({self.n_tokens} rows) "
+                f"with drop_last=True"
+            )
+        count, epoch = 0, start_epoch
+        while num_batches is None or count < num_batches:
+            for x in self.iter_epoch(epoch):
+                if num_batches is not None and count >= num_batches:
+                    return
+                yield x
+                count += 1
+            epoch += 1
+
+    # ------------------------------------------------------------------ statistics
+    def moments(self, layer: int | None = None, max_tokens: int | None = None,
+                chunk_tokens: int = 16384) -> Moments:
+        """Mean and uncentred second moment of a layer, accumulated in float64.
+
+        Streams the shards in cache order, ``chunk_tokens`` rows at a time.
+
+        Returns:
+          Moments(mean (d,), second_moment (d, d) = E[x xᵀ], count).
+        """
+        layer = self.layer if layer is None else layer
+        d = self.d_model
+        s1 = np.zeros(d, np.float64)
+        s2 = np.zeros((d, d), np.float64)
+        n = 0
+        limit = self.n_tokens if max_tokens is None else min(int(max_tokens), self.n_tokens)
+        for sh in range(self.n_shards):
+            mm = self.activations(sh, layer)
+            for a in range(0, mm.shape[0], chunk_tokens):
+                if n >= limit:
+                    break
+                x = np.asarray(mm[a:min(a + chunk_tokens, a + limit - n)], dtype=np.float64)
+                s1 += x.sum(0)
+                s2 += x.T @ x
+                n += x.shape[0]
+        if n == 0:
+            raise ValueError(f"path={str(self.path)!r}: cache holds no rows for moments")
+        return Moments(s1 / n, s2 / n, n)
+
+    def __repr__(self) -> str:
+        return (f"ActivationStore({str(self.path)!r}, layer={self.layer}, d={self.d_model}, "
+                f"n_tokens={self.n_tokens}, shards={self.n_shards}, "
+                f"batch_size={self.batch_size}, dtype={self.dtype_name})")
+
+
+_DONE = object()
+
+
+def _prefetch(it: Iterator[Any], depth: int) -> Iterator[Any]:
+    """Run ``it`` in a background thread, keeping up to ``depth`` items ready."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def worker():
+        try:
+            for item in it:
+                while not stop.is_set():
+                    try:
+                        q.put((True, item), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put((True, _DONE))
+        except BaseException as e:  # propagate to the consumer
+            q.put((False, e))
+
+    t = threading.Thread(target=worker, daemon=True, name="ActivationStore-prefetch")
+    t.start()
+    try:
+        while True:
+            ok, item = q.get()
+            if not ok:
+                raise item
+            if item is _DONE:
+                return
+            yield item
+    finally:
+        stop.set()
+        while t.is_alive():
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                pass
+            t.join(timeout=0.05)

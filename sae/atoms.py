@@ -1,0 +1,618 @@
+"""The atoms analysis (Hu et al., "Towards Atoms of Large Language Models", 2025/26).
+
+Formula layer on plain arrays; no training or model code is imported here (that lives in
+``experiments.atoms``). See ../shared/papers/atoms.md. Several details of the paper are not
+public; every such *reconstructed* choice is marked "RECONSTRUCTED" below and kept a
+parameter.
+
+Conventions
+-----------
+* Activations ``x``: (B, H) rows.
+* A dictionary ``D``: (H, N), atoms are COLUMNS (compressed-sensing convention, as in
+  ``jaxsense.sparse``). An SAE decoder ``W_dec`` (N, H) gives ``D = W_dec.T``
+  (:func:`dictionary_from_decoder`). Codes: (B, N) with x ≈ codes @ D.T + b_dec.
+* Metric S̃ (H, H): the atomic inner product (AIP) ⟨u, v⟩_S̃ = uᵀS̃v / (‖u‖_S̃‖v‖_S̃).
+
+Main entry points
+-----------------
+MomentAccumulator / second_moment  — streamed uncentred E[x xᵀ] in float64 (numpy).
+aip_from_moment → AIP              — S̃ = (E[x xᵀ] + ridge)⁻¹, S̃^{1/2}, condition number.
+whiten, pairwise_angles, angle_histogram, representation_shift — the "representation shift".
+unit_metrics                        — one row of the units table (coherence, L0, uniqueness,
+                                      q*, R² Euclidean and S̃, RIP, ℓ1 recoverability).
+planted_data, threshold_interval, theory_check — the threshold-SAE identifiability check.
+"""
+from __future__ import annotations
+
+from typing import Iterable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxsense import sparse as sp
+
+__all__ = [
+    "SecondMoment",
+    "MomentAccumulator",
+    "second_moment",
+    "AIP",
+    "aip_from_moment",
+    "whiten",
+    "dictionary_from_decoder",
+    "aip_cosine",
+    "pairwise_angles",
+    "angle_histogram",
+    "angle_summary",
+    "representation_shift",
+    "l0_per_sample",
+    "k_from_l0",
+    "uniqueness_per_atom",
+    "q_star",
+    "uniqueness_per_sample",
+    "r2",
+    "rip_estimate",
+    "l1_recoverability",
+    "unit_metrics",
+    "neuron_units",
+    "sae_units",
+    "planted_data",
+    "threshold_interval",
+    "tsae_construction",
+    "theory_check",
+]
+
+
+# ============================================================================ second moment
+class SecondMoment(NamedTuple):
+    """Uncentred second moment E[x xᵀ] (H, H), mean E[x] (H,), both float64; sample count."""
+
+    m2: np.ndarray
+    mean: np.ndarray
+    n: int
+
+
+class MomentAccumulator:
+    """Streaming float64 accumulator of Σ x and Σ x xᵀ (uncentred), chunk by chunk.
+
+    Host-side numpy on purpose: float64 without touching JAX's global x64 flag, and it
+    reads memory-mapped shards directly. ``update`` accepts any (B, H) array-like (float16,
+    bfloat16 via numpy conversion, float32 …); each chunk is upcast to float64 before the
+    outer product (exact for ≥ 1e9 samples at float64's 53-bit mantissa)."""
+
+    def __init__(self, H: int | None = None):
+        self.H = H
+        self.n = 0
+        self._s1 = None
+        self._s2 = None
+
+    def update(self, x) -> "MomentAccumulator":
+        x = np.asarray(x)
+        if x.ndim != 2:
+            raise ValueError(f"x must have shape (B, H); got shape {x.shape}")
+        if self.H is None:
+            self.H = x.shape[1]
+        if x.shape[1] != self.H:
+            raise ValueError(
+                f"x has width {x.shape[1]} but this accumulator holds H = {self.H}; "
+                f"expected x.shape[1] == {self.H}")
+        if x.shape[0] == 0:
+            return self
+        xd = x.astype(np.float64, copy=False)
+        if self._s2 is None:
+            self._s1 = np.zeros(self.H, np.float64)
+            self._s2 = np.zeros((self.H, self.H), np.float64)
+        self._s1 += xd.sum(0)
+        self._s2 += xd.T @ xd
+        self.n += x.shape[0]
+        return self
+
+    def result(self) -> SecondMoment:
+        if self.n == 0:
+            raise ValueError(
+                "second moment: the activation source is empty (0 samples seen); expected at "
+                "least one (B, H) batch with B >= 1 — empty store?")
+        return SecondMoment(self._s2 / self.n, self._s1 / self.n, self.n)
+
+
+def second_moment(batches: Iterable, *, max_samples: int | None = None) -> SecondMoment:
+    """Streamed uncentred second moment E[x xᵀ] over an iterable of (B, H) batches
+    (an ``ActivationStore``'s batch iterator, a list of arrays, a memmap …).
+
+    RECONSTRUCTED: the paper (earlier code) uses ~100K samples, no centring, no shrinkage;
+    ``max_samples`` caps the count (default: all)."""
+    if isinstance(batches, np.ndarray) or hasattr(batches, "shape"):
+        batches = [batches]
+    acc = MomentAccumulator()
+    for b in batches:
+        if max_samples is not None and acc.n >= max_samples:
+            break
+        b = np.asarray(b)
+        if max_samples is not None:
+            b = b[: max_samples - acc.n]
+        acc.update(b)
+    return acc.result()
+
+
+# ============================================================================ AIP metric
+class AIP(NamedTuple):
+    """The atomic inner-product metric.
+
+    S: S̃ = (E[xxᵀ] + r·I)⁻¹ (H, H); S_half: S̃^{1/2} (symmetric square root, the whitening
+    map x ↦ S̃^{1/2} x); S_inv_half: S̃^{-1/2} (maps whitened atoms back); eigvals: the
+    eigenvalues of E[xxᵀ] + r·I (ascending); cond: their max/min ratio; ridge: r (absolute).
+    All float64 numpy."""
+
+    S: np.ndarray
+    S_half: np.ndarray
+    S_inv_half: np.ndarray
+    eigvals: np.ndarray
+    cond: float
+    ridge: float
+
+
+def aip_from_moment(m2, *, ridge: float = 0.0, ridge_relative: bool = True,
+                    max_cond: float = 1e12) -> AIP:
+    """S̃ = (E[x xᵀ])⁻¹ (atoms.md §AIP), via a float64 eigendecomposition.
+
+    ``ridge`` (default 0 = the paper's plain inverse): adds r·I before inverting; with
+    ``ridge_relative`` r = ridge · tr(E[xxᵀ])/H (scale-free; RECONSTRUCTED choice).
+    Raises ValueError when the (ridged) moment is singular — min eigenvalue ≤ 0 or condition
+    number > ``max_cond`` — naming the value and suggesting ridge > 0.
+    Pass a :class:`SecondMoment` or a (H, H) array."""
+    m2 = np.asarray(m2.m2 if isinstance(m2, SecondMoment) else m2, np.float64)
+    if m2.ndim != 2 or m2.shape[0] != m2.shape[1] or m2.shape[0] < 1:
+        raise ValueError(f"m2 must be a square (H, H) second moment; got shape {m2.shape}")
+    if not np.all(np.isfinite(m2)):
+        raise ValueError("m2 contains NaN/Inf; expected a finite second moment")
+    if ridge < 0:
+        raise ValueError(f"ridge must be >= 0; got {ridge}")
+    H = m2.shape[0]
+    r = float(ridge) * (np.trace(m2) / H if ridge_relative else 1.0)
+    m = 0.5 * (m2 + m2.T) + r * np.eye(H)
+    ev, V = np.linalg.eigh(m)
+    lo, hi = ev[0], ev[-1]
+    cond = float(hi / lo) if lo > 0 else float("inf")
+    if lo <= 0 or cond > max_cond:
+        raise ValueError(
+            f"m2 (second moment, H={H}) is singular or ill-conditioned: min eigenvalue {lo:.3e}, "
+            f"condition number {cond:.3e} > max_cond={max_cond:.1e} with ridge={ridge}; expected "
+            f"a positive-definite moment — pass ridge > 0 (e.g. 1e-6) or more samples (n ≥ H)")
+    S = (V / ev) @ V.T
+    S_half = (V / np.sqrt(ev)) @ V.T
+    S_inv_half = (V * np.sqrt(ev)) @ V.T
+    return AIP(S, S_half, S_inv_half, ev, cond, r)
+
+
+def whiten(x, aip: AIP):
+    """x ↦ S̃^{1/2} x, row-wise for (B, H) input: under the whitened coordinates the AIP is the
+    ordinary cosine (S̃^{1/2} is symmetric, so x @ S̃^{1/2} is the row form)."""
+    S_half = jnp.asarray(aip.S_half if isinstance(aip, AIP) else aip)
+    x = jnp.asarray(x)
+    if x.shape[-1] != S_half.shape[0]:
+        raise ValueError(
+            f"x has width {x.shape[-1]} but the AIP metric is {S_half.shape[0]}-dimensional "
+            f"(dictionary width mismatch); expected x.shape[-1] == {S_half.shape[0]}")
+    return x @ S_half.astype(x.dtype)
+
+
+def dictionary_from_decoder(W_dec):
+    """SAE decoder (N, H) → dictionary D (H, N) with atoms as columns."""
+    W_dec = jnp.asarray(W_dec)
+    if W_dec.ndim != 2:
+        raise ValueError(f"W_dec must be (N, H); got shape {W_dec.shape}")
+    return W_dec.T
+
+
+def aip_cosine(u, v, S=None):
+    """⟨u, v⟩_S / (‖u‖_S ‖v‖_S), row-wise over a leading batch axis. S=None: cosine."""
+    Su = u if S is None else u @ jnp.asarray(S, u.dtype)
+    num = jnp.sum(Su * v, -1)
+    nu = jnp.sum(Su * u, -1)
+    Sv = v if S is None else v @ jnp.asarray(S, v.dtype)
+    nv = jnp.sum(Sv * v, -1)
+    return num / jnp.sqrt(jnp.maximum(nu * nv, 1e-30))
+
+
+# ============================================================================ angles
+def pairwise_angles(X, S=None, *, key, n_pairs: int = 10000):
+    """Angles (degrees) between ``n_pairs`` random pairs of distinct rows of X (B, H) under the
+    metric S (None = Euclidean). Pairs are drawn uniformly with replacement over pairs."""
+    X = jnp.asarray(X)
+    if X.ndim != 2 or X.shape[0] < 2:
+        raise ValueError(f"X must be (B, H) with B >= 2; got shape {X.shape}")
+    if S is not None and np.shape(S) != (X.shape[1], X.shape[1]):
+        raise ValueError(f"S must be ({X.shape[1]}, {X.shape[1]}); got {np.shape(S)}")
+    B = X.shape[0]
+    k1, k2 = jax.random.split(key)
+    i = jax.random.randint(k1, (n_pairs,), 0, B)
+    j = (i + jax.random.randint(k2, (n_pairs,), 1, B)) % B  # j ≠ i
+    c = aip_cosine(X[i], X[j], S)
+    return jnp.degrees(jnp.arccos(jnp.clip(c, -1.0, 1.0)))
+
+
+def angle_histogram(angles, bins: int = 90, range_: tuple = (0.0, 180.0)):
+    """Histogram (density) of angles in degrees. Returns (density (bins,), edges (bins+1,))."""
+    counts, edges = np.histogram(np.asarray(angles), bins=bins, range=range_, density=True)
+    return counts, edges
+
+
+def angle_summary(angles) -> dict:
+    a = np.asarray(angles, np.float64)
+    return {"mean": float(a.mean()), "median": float(np.median(a)), "std": float(a.std()),
+            "frac_80_100": float(np.mean((a >= 80) & (a <= 100)))}
+
+
+def representation_shift(x, aip: AIP, *, key, n_pairs: int = 10000, W_dec_euclid=None,
+                         bins: int = 90) -> dict:
+    """Pairwise-angle distributions, Euclidean vs AIP, with controls (atoms.md "representation
+    shift" + the reviewer's circularity critique):
+
+    - ``activations``: the data rows;
+    - ``gaussian_iso``: N(0, I) vectors (a pure-noise reference, ~90° in both geometries
+      only in the Euclidean one);
+    - ``gaussian_matched``: N(0, E[xxᵀ]) vectors — same second moment as the data; under the
+      AIP they re-centre at 90° BY CONSTRUCTION (whitening makes their covariance I), so
+      the data's re-centring is only informative beyond this control;
+    - ``euclid_sae_atoms``: decoder rows of a Euclidean-trained SAE (if given).
+    Returns {name: {"euclid": summary, "aip": summary, "hist_euclid", "hist_aip", "edges"}}.
+    """
+    x = np.asarray(x, np.float32)
+    B, H = x.shape
+    S = jnp.asarray(aip.S, jnp.float32)
+    ks = jax.random.split(key, 8)
+    g_iso = jax.random.normal(ks[0], (B, H))
+    # N(0, M2) = S̃^{-1/2} z, z ~ N(0, I)  (S̃^{-1/2} is symmetric)
+    g_matched = jax.random.normal(ks[1], (B, H)) @ jnp.asarray(aip.S_inv_half, jnp.float32)
+    sets = {"activations": jnp.asarray(x), "gaussian_iso": g_iso, "gaussian_matched": g_matched}
+    if W_dec_euclid is not None:
+        W = jnp.asarray(W_dec_euclid, jnp.float32)
+        if W.shape[-1] != H:
+            raise ValueError(f"W_dec_euclid has width {W.shape[-1]}, expected H = {H}")
+        sets["euclid_sae_atoms"] = W
+    out = {}
+    for t, (name, X) in enumerate(sets.items()):
+        ae = pairwise_angles(X, None, key=ks[2 + t], n_pairs=n_pairs)
+        aa = pairwise_angles(X, S, key=ks[2 + t], n_pairs=n_pairs)
+        he, edges = angle_histogram(ae, bins)
+        ha, _ = angle_histogram(aa, bins)
+        out[name] = {"euclid": angle_summary(ae), "aip": angle_summary(aa),
+                     "hist_euclid": he.tolist(), "hist_aip": ha.tolist(),
+                     "edges": edges.tolist()}
+    return out
+
+
+# ============================================================================ sparsity / uniqueness
+def l0_per_sample(codes, tol: float = 0.0):
+    """Number of entries with |code| > tol per sample. (B,) int32."""
+    return jnp.sum(jnp.abs(jnp.asarray(codes)) > tol, axis=-1).astype(jnp.int32)
+
+
+def k_from_l0(l0, k_quantile: float | str = 0.5) -> float:
+    """K for the coherence tests from per-sample L0. RECONSTRUCTED: atoms.md reads "K a
+    quantile of per-sample L0"; default the median (0.5). Also "mean" or "max"."""
+    l0 = np.asarray(l0, np.float64)
+    if l0.size == 0:
+        raise ValueError("l0 is empty; expected per-sample L0 of at least one sample")
+    if k_quantile == "mean":
+        return float(l0.mean())
+    if k_quantile == "max":
+        return float(l0.max())
+    return float(np.quantile(l0, float(k_quantile)))
+
+
+def _bound(K):
+    """1/(2K − 1), with K < 1 treated as K = 1 (an empty / single support is always unique)."""
+    K = np.maximum(np.asarray(K, np.float64), 1.0)
+    return 1.0 / (2.0 * K - 1.0)
+
+
+def uniqueness_per_atom(mu_atoms, l0, *, k_quantile: float | str = 0.5) -> dict:
+    """Fraction of atoms with μ_i < 1/(2K − 1), K = :func:`k_from_l0` (atoms.md, v1
+    "uniqueness condition", best reading). Returns {"fraction", "K", "bound", "ok" (N,)}."""
+    K = k_from_l0(l0, k_quantile)
+    b = float(_bound(K))
+    ok = np.asarray(mu_atoms) < b
+    return {"fraction": float(ok.mean()), "K": K, "bound": b, "ok": ok}
+
+
+def q_star(mu_atoms, l0, *, n_grid: int = 2001) -> float:
+    """v2 stability q* = sup{q ∈ [0, 1] : μ_q < 1/(2K_q − 1)}, μ_q and K_q the q-quantiles of
+    per-atom coherence and per-sample L0 (atoms.md, "Metrics"). Both quantiles grow with q,
+    so the set is an interval [0, q*]; evaluated on a grid of ``n_grid`` q values (0 if even
+    q = 0 fails). Quantiles use numpy's linear interpolation (RECONSTRUCTED detail)."""
+    mu = np.asarray(mu_atoms, np.float64)
+    l0 = np.asarray(l0, np.float64)
+    if mu.size == 0 or l0.size == 0:
+        raise ValueError(f"mu_atoms and l0 must be non-empty; got sizes {mu.size}, {l0.size}")
+    q = np.linspace(0.0, 1.0, n_grid)
+    ok = np.quantile(mu, q) < _bound(np.quantile(l0, q))
+    if not ok[0]:
+        return 0.0
+    bad = np.nonzero(~ok)[0]
+    return float(q[-1] if bad.size == 0 else q[bad[0] - 1])
+
+
+def uniqueness_per_sample(D, codes, S=None, *, k_max: int | None = None, mu_atoms=None,
+                          tol: float = 0.0) -> dict:
+    """Per-sample uniqueness tests with |T| = the sample's L0:
+
+    - ``support``: support-restricted coherence max_{i≠j∈T}|⟨d_i,d_j⟩_S̃| < 1/(2|T|−1)
+      (atoms.md's per-sample variant: "does the active set itself look orthogonal?" — NOT a
+      recovery guarantee on its own);
+    - ``atom``: max_{i∈T} μ_i < 1/(2|T|−1) with μ_i against ALL atoms — a rigorous sufficient
+      condition for exact recovery of that sample by BP/OMP (ERC via Gershgorin).
+    Samples with L0 > k_max (default: max L0, capped at N) count as failures.
+    Returns fractions and (B,) boolean arrays."""
+    D = jnp.asarray(D)
+    codes = jnp.asarray(codes)
+    _check_codes(D, codes)
+    l0 = l0_per_sample(codes, tol)
+    if k_max is None:
+        k_max = int(max(1, min(int(jnp.max(l0)), D.shape[1])))
+    G = sp.normalized_gram(D, None if S is None else jnp.asarray(S, D.dtype))
+    if mu_atoms is None:
+        mu_atoms = jnp.max(jnp.abs(G) * (1 - jnp.eye(G.shape[0], dtype=G.dtype)), axis=1)
+    idx, valid = sp.support_from_codes(codes, k_max, tol)
+    b = jnp.asarray(_bound(np.asarray(l0)), G.dtype)
+    fits = l0 <= k_max
+    ok_s = (sp.support_coherence(G, idx, valid) < b) & fits
+    ok_a = (sp.support_atom_coherence(jnp.asarray(mu_atoms, G.dtype), idx, valid) < b) & fits
+    return {"support_fraction": float(jnp.mean(ok_s)), "atom_fraction": float(jnp.mean(ok_a)),
+            "support_ok": np.asarray(ok_s), "atom_ok": np.asarray(ok_a)}
+
+
+def _check_codes(D, codes):
+    if codes.ndim != 2 or codes.shape[1] != D.shape[1]:
+        raise ValueError(
+            f"codes must be (B, N) with N = {D.shape[1]} atoms of D (dictionary width "
+            f"mismatch); got codes shape {codes.shape}")
+
+
+# ============================================================================ R² / RIP / ℓ1
+def r2(x, x_hat, S=None) -> float:
+    """Faithfulness R² = 1 − Σ‖x − x̂‖² / Σ‖x − x̄‖² (mean-centred denominator, atoms.md
+    "Metrics"); with ``S`` the norms are ‖v‖²_S = vᵀ S v. Computed in float64 numpy."""
+    x = np.asarray(x, np.float64)
+    xh = np.asarray(x_hat, np.float64)
+    if x.shape != xh.shape:
+        raise ValueError(f"x_hat must have the shape of x {x.shape}; got {xh.shape}")
+    if x.ndim != 2 or x.shape[0] < 2:
+        raise ValueError(f"x must be (B, H) with B >= 2; got {x.shape}")
+    e = x - xh
+    c = x - x.mean(0, keepdims=True)
+    if S is None:
+        num, den = np.sum(e * e), np.sum(c * c)
+    else:
+        S = np.asarray(S, np.float64)
+        num, den = np.sum((e @ S) * e), np.sum((c @ S) * c)
+    if den <= 0:
+        raise ValueError("x has zero variance; R² is undefined")
+    return float(1.0 - num / den)
+
+
+def rip_estimate(D, S, K: int, *, key, n_supports: int = 1024, mu: float | None = None) -> dict:
+    """Sampled δ_K (lower bound; :func:`jaxsense.sparse.rip_constant`) of the S̃-normalised
+    dictionary and the Gershgorin upper bound (K−1)μ. K is rounded to an integer ≥ 1."""
+    D = jnp.asarray(D)
+    Ki = int(max(1, min(round(K), D.shape[1])))
+    Sj = None if S is None else jnp.asarray(S, D.dtype)
+    est = sp.rip_constant(D, Ki, key, n_supports, Sj)
+    if mu is None:
+        mu = float(sp.mutual_coherence(D, Sj))
+    return {"K": Ki, "delta_sampled": float(est.delta),
+            "delta_q50": float(jnp.median(est.per_support)),
+            "gershgorin_bound": float((Ki - 1) * mu), "rip_by_gershgorin": bool((Ki - 1) * mu < 1)}
+
+
+def l1_recoverability(D, codes, *, x=None, b_dec=None, S=None, target: str = "reconstruction",
+                      n_iter: int = 500, rho: float = 10.0, nonneg: bool = False,
+                      tol: float = 1e-2) -> dict:
+    """ℓ1 recoverability: basis pursuit min ‖δ‖₁ s.t. Dδ = y over the S̃-normalised atoms, and
+    support agreement of its solution with the SAE's codes.
+
+    ``target`` (RECONSTRUCTED choice): "reconstruction" — y = codes @ Dᵀ (= x̂ − b_dec), so
+    the question is exactly "is the SAE's code the ℓ1-minimal representation of what it
+    reconstructs?"; "activation" — y = x − b_dec (needs ``x``), which also mixes in the
+    reconstruction error. Support: |δ_i| > tol·max|δ| (relative). Requires N ≥ H and a full-rank
+    D (else the equality constraint may be infeasible; then ``bp_residual`` shows it).
+    Returns exact-support rate, mean Jaccard / precision / recall, median relative residual."""
+    D = jnp.asarray(D, jnp.float32)
+    codes = jnp.asarray(codes, jnp.float32)
+    _check_codes(D, codes)
+    H = D.shape[0]
+    if target == "reconstruction":
+        y = codes @ D.T
+    elif target == "activation":
+        if x is None:
+            raise ValueError("target='activation' needs x; got x=None")
+        y = jnp.asarray(x, jnp.float32)
+        if y.shape[-1] != H:
+            raise ValueError(f"x has width {y.shape[-1]}; expected H = {H}")
+        if b_dec is not None:
+            y = y - jnp.asarray(b_dec, jnp.float32)
+    else:
+        raise ValueError(f"target must be 'reconstruction' or 'activation'; got {target!r}")
+    Sj = None if S is None else jnp.asarray(S, jnp.float32)
+    res = sp.basis_pursuit(D, y, S=Sj, n_iter=n_iter, rho=rho, nonneg=nonneg)
+    ag = sp.support_agreement(codes, res.coef, tol=tol)
+    # samples with all-zero codes and y = 0: agreement is trivially exact
+    return {"exact_support": float(jnp.mean(ag["exact"])),
+            "jaccard": float(jnp.mean(ag["jaccard"])),
+            "precision": float(jnp.mean(ag["precision"])),
+            "recall": float(jnp.mean(ag["recall"])),
+            "bp_residual_median": float(jnp.median(res.residual)),
+            "n": int(codes.shape[0])}
+
+
+# ============================================================================ units table
+def neuron_units(x):
+    """Neurons as units: D = I (H×H), codes = x, b_dec = 0 (atoms.md "Neurons")."""
+    x = np.asarray(x, np.float32)
+    return {"D": np.eye(x.shape[1], dtype=np.float32), "codes": x,
+            "b_dec": np.zeros(x.shape[1], np.float32), "x_hat": x}
+
+
+def sae_units(params: dict, x, encode_fn, *, aip: AIP | None = None, whitened: bool = False):
+    """Units of an SAE given as a plain param dict (Gemma Scope layout: W_enc (H,N), W_dec (N,H),
+    b_enc, b_dec, threshold) and an ``encode_fn(params, x) -> codes`` (e.g. ``sae.model.encode``).
+
+    ``whitened=True`` (the AIP-geometry SAE trained on S̃^{1/2}x): codes are computed on the
+    whitened x; atoms and b_dec are mapped back to activation space by S̃^{-1/2}, so
+    x̂ = codes @ (W_dec S̃^{-1/2}) + b_dec S̃^{-1/2} in the original coordinates."""
+    x = np.asarray(x, np.float32)
+    W_dec = np.asarray(params["W_dec"], np.float32)
+    b_dec = np.asarray(params["b_dec"], np.float32)
+    if W_dec.shape[1] != x.shape[1]:
+        raise ValueError(
+            f"params['W_dec'] has width {W_dec.shape[1]} but x has {x.shape[1]} (dictionary "
+            f"width mismatch); expected W_dec.shape[1] == x.shape[1]")
+    xin = x
+    if whitened:
+        if aip is None:
+            raise ValueError("whitened=True needs the AIP used for training; got aip=None")
+        xin = np.asarray(whiten(x, aip))
+        Sih = np.asarray(aip.S_inv_half, np.float32)
+        W_dec = W_dec @ Sih
+        b_dec = b_dec @ Sih
+    codes = np.asarray(encode_fn(params, jnp.asarray(xin)), np.float32)
+    x_hat = codes @ W_dec + b_dec
+    return {"D": W_dec.T, "codes": codes, "b_dec": b_dec, "x_hat": x_hat}
+
+
+def unit_metrics(x, units: dict, aip: AIP, *, key, k_quantile: float | str = 0.5,
+                 n_supports: int = 512, n_bp: int = 512, bp_iter: int = 500,
+                 coherence_block: int | None = 4096, per_sample: bool = True,
+                 bp_target: str = "reconstruction") -> dict:
+    """One row of the units table for activations x (B, H) and units {"D" (H,N), "codes" (B,N),
+    "x_hat" (B,H)} (see :func:`neuron_units`, :func:`sae_units`):
+
+    R² (Euclidean, S̃ norm), mean/median L0, coherence in the AIP (max, median per-atom),
+    uniqueness fraction per atom (μ_i < 1/(2K−1), K = quantile of L0), q*, per-sample
+    uniqueness (support-restricted and atom-wise), RIP (sampled δ_K and Gershgorin),
+    ℓ1 recoverability on the first ``n_bp`` samples (only when N ≥ H; neurons are trivially
+    recoverable and skipped)."""
+    x = np.asarray(x, np.float32)
+    D = jnp.asarray(units["D"], jnp.float32)
+    codes = jnp.asarray(units["codes"], jnp.float32)
+    if D.shape[0] != x.shape[1]:
+        raise ValueError(
+            f"units['D'] has {D.shape[0]} rows but x has width {x.shape[1]} (dictionary width "
+            f"mismatch); expected D of shape ({x.shape[1]}, N)")
+    _check_codes(D, codes)
+    S32 = jnp.asarray(aip.S, jnp.float32)
+    k1, k2 = jax.random.split(key)
+    mu = np.asarray(sp.atom_coherence(D, S32, block=coherence_block))
+    l0 = np.asarray(l0_per_sample(codes))
+    uq = uniqueness_per_atom(mu, l0, k_quantile=k_quantile)
+    row = {
+        "H": int(D.shape[0]), "N": int(D.shape[1]), "n_samples": int(x.shape[0]),
+        "r2": r2(x, units["x_hat"]), "r2_aip": r2(x, units["x_hat"], aip.S),
+        "l0_mean": float(l0.mean()), "l0_median": float(np.median(l0)),
+        "mu_max": float(mu.max()), "mu_median": float(np.median(mu)),
+        "K": uq["K"], "uniqueness_atoms": uq["fraction"], "q_star": q_star(mu, l0),
+    }
+    if per_sample:
+        kmax = int(min(max(1, l0.max()), D.shape[1], 512))
+        us = uniqueness_per_sample(D, codes, S32, k_max=kmax, mu_atoms=jnp.asarray(mu))
+        row["uniqueness_samples_support"] = us["support_fraction"]
+        row["uniqueness_samples_atom"] = us["atom_fraction"]
+    rip = rip_estimate(D, S32, uq["K"], key=k1, n_supports=n_supports, mu=float(mu.max()))
+    row.update({"rip_" + k: v for k, v in rip.items()})
+    if D.shape[1] > D.shape[0] and n_bp > 0:
+        l1 = l1_recoverability(D, codes[:n_bp], x=x[:n_bp], b_dec=units.get("b_dec"), S=S32,
+                               n_iter=bp_iter, target=bp_target)
+        row.update({"l1_" + k: v for k, v in l1.items()})
+    return row
+
+
+# ============================================================================ theory check
+def planted_data(key, *, H: int = 64, N: int = 128, K: int = 3, n: int = 4096,
+                 dictionary: str = "dirac_hadamard", delta_range=(0.7, 1.0),
+                 fixed_k: bool = True):
+    """Planted sparse data x = D δ: non-negative codes with exactly K (or ≤ K if not
+    ``fixed_k``) non-zeros drawn uniformly in ``delta_range``.
+
+    ``dictionary``: "dirac_hadamard" ([I, Hadamard/√H], N = 2H, Euclidean μ = 1/√H; H a
+    power of 2) or "gaussian" (unit-norm Gaussian columns). Returns (x (n,H), D (H,N),
+    codes (n,N)) as float32 numpy."""
+    if K < 1 or K > N:
+        raise ValueError(f"K must be in [1, N={N}]; got {K}")
+    kd, ks, kv, kk = jax.random.split(key, 4)
+    if dictionary == "dirac_hadamard":
+        if H & (H - 1) or N != 2 * H:
+            raise ValueError(f"dirac_hadamard needs H a power of 2 and N = 2H; got H={H}, N={N}")
+        h = np.array([[1.0]])
+        while h.shape[0] < H:
+            h = np.block([[h, h], [h, -h]])
+        D = np.hstack([np.eye(H), h / np.sqrt(H)])
+    elif dictionary == "gaussian":
+        D = np.asarray(jax.random.normal(kd, (H, N)), np.float64)
+        D /= np.linalg.norm(D, axis=0, keepdims=True)
+    else:
+        raise ValueError(f"dictionary must be 'dirac_hadamard' or 'gaussian'; got {dictionary!r}")
+    _, supp = jax.lax.top_k(jax.random.uniform(ks, (n, N)), K)
+    lo, hi = delta_range
+    vals = jax.random.uniform(kv, (n, K), minval=lo, maxval=hi)
+    if not fixed_k:
+        keep = jax.random.uniform(kk, (n, K)) < 0.5
+        keep = keep.at[:, 0].set(True)
+        vals = vals * keep
+    codes = np.zeros((n, N), np.float32)
+    np.put_along_axis(codes, np.asarray(supp), np.asarray(vals), axis=1)
+    x = (codes.astype(np.float64) @ D.T).astype(np.float32)
+    return x, D.astype(np.float32), codes
+
+
+def threshold_interval(eps: float, K: int, delta_min: float, delta_max: float) -> dict:
+    """The threshold-SAE identifiability interval (atoms.md "Conditions", classical form):
+    ε K δ_max < τ < δ_min − ε (K − 1) δ_max, feasible iff δ_min > ε (2K − 1) δ_max."""
+    lo = eps * K * delta_max
+    hi = delta_min - eps * (K - 1) * delta_max
+    return {"lo": float(lo), "hi": float(hi), "feasible": bool(hi > lo),
+            "tau_mid": float(0.5 * (lo + hi))}
+
+
+def tsae_construction(D, S=None):
+    """The theorem's SAE: atoms normalised in ‖·‖_S, W_dec = D̂ᵀ (N, H), W_enc = S D̂ (H, N),
+    i.e. pre-activations π = x W_enc = (D̂ᵀ S x)ᵀ. Returns (W_enc, W_dec, scale) where
+    ``scale`` (N,) = ‖d_i‖_S rescales codes: δ̂_i = δ_i ‖d_i‖_S (so x = D̂ δ̂)."""
+    D = np.asarray(D, np.float64)
+    S = np.eye(D.shape[0]) if S is None else np.asarray(S, np.float64)
+    scale = np.sqrt(np.einsum("hn,hk,kn->n", D, S, D))
+    Dn = D / scale
+    return (S @ Dn).astype(np.float32), Dn.T.astype(np.float32), scale
+
+
+def theory_check(x, D, codes, S=None, *, tau: float | None = None) -> dict:
+    """Planted-data check of the threshold-SAE theorem: with W_dec = D̂, W_enc = D̂ᵀS (atoms
+    S-normalised), ε = μ_S(D), δ_min/δ_max the extreme non-zero rescaled codes and τ in the
+    interval of :func:`threshold_interval` (midpoint unless given), the SAE's support
+    1[π ≥ τ] equals the planted support for every sample. Returns the interval, ε, K and the
+    measured support-recovery rate (and value error, which needs more than the theorem)."""
+    x = np.asarray(x, np.float64)
+    codes = np.asarray(codes, np.float64)
+    D = np.asarray(D, np.float64)
+    if D.shape[0] != x.shape[1]:
+        raise ValueError(f"D has {D.shape[0]} rows but x has width {x.shape[1]} (dictionary "
+                         f"width mismatch); expected D of shape ({x.shape[1]}, N)")
+    if codes.shape != (x.shape[0], D.shape[1]):
+        raise ValueError(f"codes must be {(x.shape[0], D.shape[1])}; got {codes.shape}")
+    W_enc, W_dec, scale = tsae_construction(D, S)
+    c = codes * scale[None, :]
+    nz = c[c != 0]
+    if nz.size == 0 or np.any(nz < 0):
+        raise ValueError("codes must be non-negative with at least one non-zero (theorem)")
+    K = int((codes != 0).sum(1).max())
+    eps = float(sp.mutual_coherence(jnp.asarray(D), None if S is None else jnp.asarray(S)))
+    iv = threshold_interval(eps, K, float(nz.min()), float(nz.max()))
+    t = iv["tau_mid"] if tau is None else float(tau)
+    pi = x @ W_enc.astype(np.float64)
+    f = pi * (pi >= t)
+    supp_ok = np.all((f != 0) == (codes != 0), axis=1)
+    x_hat = f @ W_dec.astype(np.float64)
+    return {"eps": eps, "K": K, "delta_min": float(nz.min()), "delta_max": float(nz.max()),
+            **{"interval_" + k: v for k, v in iv.items()}, "tau": t,
+            "support_recovery": float(supp_ok.mean()), "r2": r2(x, x_hat),
+            "max_pre_off_support": float(np.max(np.where(codes == 0, pi, -np.inf))),
+            "min_pre_on_support": float(np.min(np.where(codes != 0, pi, np.inf)))}

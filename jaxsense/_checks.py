@@ -1,0 +1,77 @@
+"""Input validation shared by the public functions.
+
+Every public function validates its arguments *before* any compute starts and raises a
+ValueError/TypeError that names the argument, the value it got and what was expected.
+Values that are JAX tracers (inside jit/vmap) cannot be inspected and are skipped: the
+check then happens once, at the outermost concrete call.
+"""
+from __future__ import annotations
+
+import numbers
+
+import jax
+import numpy as np
+
+
+def is_concrete(x) -> bool:
+    """True when ``x`` holds a concrete value (not a tracer under jit/vmap/grad)."""
+    leaves = jax.tree_util.tree_leaves(x)
+    return not any(isinstance(leaf, jax.core.Tracer) for leaf in leaves)
+
+
+def check_int(name: str, value, *, low: int | None = None, high: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, np.integer)):
+        raise TypeError(f"{name}={value!r}: expected an integer")
+    value = int(value)
+    if low is not None and value < low:
+        hi = f" and <= {high}" if high is not None else ""
+        raise ValueError(f"{name}={value}: expected an integer >= {low}{hi}")
+    if high is not None and value > high:
+        raise ValueError(f"{name}={value}: expected an integer <= {high}")
+    return value
+
+
+def check_scalar(name: str, value, *, low=None, high=None, low_open=False, high_open=False):
+    """Check a real scalar (python number or 0-d/batched array) lies in an interval.
+
+    Arrays are checked element-wise, so a stacked hyper-parameter (for a vmapped sweep)
+    is validated as a whole. Tracers are skipped (see module docstring).
+    """
+    if not is_concrete(value):
+        return value
+    arr = np.asarray(value)
+    if arr.dtype.kind not in "fiu" or arr.dtype == bool:
+        raise TypeError(f"{name}={value!r}: expected a real number")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name}={value!r}: expected a finite number")
+    lo_s = "(" if low_open else "["
+    hi_s = ")" if high_open else "]"
+    rng = f"{lo_s}{'-inf' if low is None else low}, {'inf' if high is None else high}{hi_s}"
+    if low is not None and (np.any(arr <= low) if low_open else np.any(arr < low)):
+        raise ValueError(f"{name}={value!r}: expected a value in {rng}")
+    if high is not None and (np.any(arr >= high) if high_open else np.any(arr > high)):
+        raise ValueError(f"{name}={value!r}: expected a value in {rng}")
+    return value
+
+
+def check_finite(name: str, x) -> None:
+    if is_concrete(x) and not bool(np.all(np.isfinite(np.asarray(x)))):
+        bad = int(np.size(x) - np.isfinite(np.asarray(x)).sum())
+        raise ValueError(f"{name}: expected all entries finite, found {bad} non-finite entries")
+
+
+def check_shape(name: str, x, shape: tuple) -> None:
+    """``shape`` may contain None as a wildcard."""
+    got = tuple(np.shape(x))
+    ok = len(got) == len(shape) and all(s is None or s == g for s, g in zip(shape, got))
+    if not ok:
+        want = tuple("*" if s is None else s for s in shape)
+        raise ValueError(f"{name}: expected shape {want}, got {got}")
+
+
+def check_float_dtype(name: str, x, dtype=None) -> None:
+    dt = np.dtype(x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype)
+    if dt.kind != "f":
+        raise TypeError(f"{name}: expected a floating-point array, got dtype {dt}")
+    if dtype is not None and dt != np.dtype(dtype):
+        raise TypeError(f"{name}: expected dtype {np.dtype(dtype)} (to match the operator), got {dt}")

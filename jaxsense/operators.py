@@ -1,0 +1,152 @@
+"""Linear measurement maps 𝒜: R^{d×d} → R^m and their adjoints, as pytrees.
+
+Every operator has
+  ``apply(X)``       X: (..., d, d)            -> (..., m)   𝒜(X)_i = ⟨A_i, X⟩ = tr(A_iᵀ X)
+  ``apply_gram(U)``  U: (d, r')                -> (m,)       𝒜(U Uᵀ), possibly without forming UUᵀ
+  ``adjoint(v)``     v: (m,)                   -> (d, d)     𝒜*(v) = Σ_i v_i A_i
+with the adjoint identity ⟨𝒜(X), v⟩ = ⟨X, 𝒜*(v)⟩ (tested). No 1/m scaling is applied: the
+paper puts the 1/m in the loss (Ma & Fattahi, eq. 2). Operators are pytrees
+(``flax.struct.dataclass``), so they pass through ``jit``/``vmap``; instances that share one
+operator (``in_axes=None``) turn residuals and adjoints into single matmuls.
+
+Ensembles:
+- :class:`DenseGaussian` — A_i with i.i.d. N(0, 1) entries, not symmetrised, not rescaled
+  (paper §2), stored as one (m, d·d) matrix (row i = vec(A_i), row-major).
+- :class:`RankOne` — A_i = a_i a_iᵀ (quadratic sampling / phase retrieval); only the
+  (m, d) vectors are stored, A_i is never materialised.
+- :class:`EntrySampling` — A_i = e_{r_i} e_{c_i}ᵀ (matrix completion).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from jaxsense import _checks
+
+
+@struct.dataclass
+class DenseGaussian:
+    """Dense measurement matrices. ``A``: (m, d·d), row i is vec(A_i) (row-major)."""
+
+    A: jax.Array
+    d: int = struct.field(pytree_node=False)
+
+    @property
+    def m(self) -> int:
+        return self.A.shape[-2]
+
+    @property
+    def dtype(self):
+        return self.A.dtype
+
+    def apply(self, X):
+        """𝒜(X): (..., d, d) -> (..., m). Batched X becomes one matmul."""
+        flat = X.reshape(X.shape[:-2] + (self.d * self.d,))
+        return flat @ self.A.T
+
+    def apply_gram(self, U):
+        """𝒜(U Uᵀ) for U: (d, r') -> (m,)."""
+        return self.apply(U @ U.T)
+
+    def adjoint(self, v):
+        """𝒜*(v) = Σ_i v_i A_i: (m,) -> (d, d)."""
+        return (v @ self.A).reshape(v.shape[:-1] + (self.d, self.d))
+
+
+@struct.dataclass
+class RankOne:
+    """Quadratic sampling A_i = a_i a_iᵀ. ``a``: (m, d). A_i is never formed."""
+
+    a: jax.Array
+
+    @property
+    def m(self) -> int:
+        return self.a.shape[-2]
+
+    @property
+    def d(self) -> int:
+        return self.a.shape[-1]
+
+    @property
+    def dtype(self):
+        return self.a.dtype
+
+    def apply(self, X):
+        """⟨a_i a_iᵀ, X⟩ = a_iᵀ X a_i: (..., d, d) -> (..., m)."""
+        return jnp.einsum("md,...de,me->...m", self.a, X, self.a)
+
+    def apply_gram(self, U):
+        """‖Uᵀ a_i‖² for U: (d, r') -> (m,); costs m·d·r' instead of m·d²."""
+        return jnp.sum((self.a @ U) ** 2, axis=-1)
+
+    def adjoint(self, v):
+        """Σ_i v_i a_i a_iᵀ = aᵀ diag(v) a: (m,) -> (d, d)."""
+        return (self.a.T * v) @ self.a
+
+
+@struct.dataclass
+class EntrySampling:
+    """Entry sampling A_i = e_{rows_i} e_{cols_i}ᵀ (matrix completion).
+
+    ``rows``, ``cols``: (m,) int arrays; ``d`` the matrix size; ``dtype`` the value dtype.
+    """
+
+    rows: jax.Array
+    cols: jax.Array
+    d: int = struct.field(pytree_node=False)
+    dtype_name: str = struct.field(pytree_node=False, default="float32")
+
+    @property
+    def m(self) -> int:
+        return self.rows.shape[-1]
+
+    @property
+    def dtype(self):
+        return jnp.dtype(self.dtype_name)
+
+    def apply(self, X):
+        return X[..., self.rows, self.cols]
+
+    def apply_gram(self, U):
+        return jnp.sum(U[self.rows] * U[self.cols], axis=-1)
+
+    def adjoint(self, v):
+        return jnp.zeros((self.d, self.d), v.dtype).at[self.rows, self.cols].add(v)
+
+
+Operator = DenseGaussian | RankOne | EntrySampling
+
+
+def _check_md(m, d):
+    _checks.check_int("m", m, low=1)
+    _checks.check_int("d", d, low=1)
+
+
+def dense_gaussian(key, m: int, d: int, dtype=jnp.float32) -> DenseGaussian:
+    """m measurement matrices with i.i.d. N(0,1) entries, stored as (m, d·d)."""
+    _check_md(m, d)
+    return DenseGaussian(A=jax.random.normal(key, (m, d * d), dtype), d=d)
+
+
+def rank_one(key, m: int, d: int, dtype=jnp.float32) -> RankOne:
+    """Quadratic sampling with a_i ~ N(0, I_d)."""
+    _check_md(m, d)
+    return RankOne(a=jax.random.normal(key, (m, d), dtype))
+
+
+def entry_sampling(key, m: int, d: int, dtype=jnp.float32, replace: bool = True) -> EntrySampling:
+    """m entries (r_i, c_i) drawn uniformly from the d×d grid (with or without replacement)."""
+    _check_md(m, d)
+    if not replace and m > d * d:
+        raise ValueError(f"m={m}: expected m <= d*d={d * d} when sampling without replacement")
+    idx = jax.random.choice(key, d * d, (m,), replace=replace)
+    return EntrySampling(rows=idx // d, cols=idx % d, d=d, dtype_name=jnp.dtype(dtype).name)
+
+
+def make_operator(kind: str, key, m: int, d: int, dtype=jnp.float32) -> Operator:
+    """Build an operator by name: 'gaussian' | 'rank_one' | 'entry'."""
+    makers = {"gaussian": dense_gaussian, "rank_one": rank_one, "entry": entry_sampling}
+    if kind not in makers:
+        raise ValueError(f"kind={kind!r}: expected one of {sorted(makers)}")
+    return makers[kind](key, m, d, dtype)

@@ -1,0 +1,78 @@
+"""Shared helpers for experiment scripts: atomic JSON/PNG writing, min–max band plots."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+
+def out_dir(*parts: str, root: str | os.PathLike = "results") -> Path:
+    p = Path(root, *parts)
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def _to_jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _to_jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_to_jsonable(v) for v in x]
+    if hasattr(x, "tolist"):
+        return _to_jsonable(np.asarray(x).tolist())
+    if isinstance(x, float) and not np.isfinite(x):
+        return str(x)
+    return x
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write to a temporary file in the same folder, fsync, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def save_json(path, obj) -> Path:
+    return atomic_write_bytes(path, json.dumps(_to_jsonable(obj), indent=1).encode())
+
+
+def save_fig(fig, path) -> Path:
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=130, bbox_inches="tight")
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def band(ax, x, curves, label=None, color=None, logy=True):
+    """Median line and min–max band over seeds. curves: (seeds, len(x))."""
+    curves = np.asarray(curves, float)
+    med = np.median(curves, axis=0)
+    (line,) = ax.plot(x, med, label=label, color=color, lw=1.5)
+    ax.fill_between(x, curves.min(0), curves.max(0), color=line.get_color(), alpha=0.25, lw=0)
+    if logy:
+        ax.set_yscale("log")
+    return line
+
+
+def new_figure(ncols=1, size=(5.0, 3.6)):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, ncols, figsize=(size[0] * ncols, size[1]), squeeze=False)
+    return fig, axes[0]

@@ -91,16 +91,25 @@ def make_tiny_model(out_dir: str, arch: str, n_layers: int = 3, seed: int = 0) -
     return out_dir
 
 
-def main(argv):
-    model_dir, out_dir, n_texts, sleep = argv[1], argv[2], int(argv[3]), float(argv[4])
+def run_cache(model_dir: str, out_dir: str, n_texts: int, sleep: float = 0.0) -> dict:
+    """The caching run of the SIGKILL test (one torch thread, as in the subprocess)."""
     import torch
 
-    torch.set_num_threads(1)
     from sae.cache import cache_activations
 
-    m = cache_activations(model_dir, synthetic_texts(n_texts, seed=1, sleep=sleep), out_dir,
-                          layers=[0, 2], context_length=24, batch_size=4, dtype="float32",
-                          tokens_per_shard=64, progress=False)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return cache_activations(model_dir, synthetic_texts(n_texts, seed=1, sleep=sleep),
+                                 out_dir, layers=[0, 2], context_length=24, batch_size=4,
+                                 dtype="float32", tokens_per_shard=64, progress=False)
+    finally:
+        torch.set_num_threads(n)
+
+
+def main(argv):
+    model_dir, out_dir, n_texts, sleep = argv[1], argv[2], int(argv[3]), float(argv[4])
+    m = run_cache(model_dir, out_dir, n_texts, sleep)
     print(f"DONE shards={len(m['shards'])} tokens={m['n_tokens']} runs={len(m['runs'])}",
           flush=True)
 

@@ -1,0 +1,185 @@
+"""ActivationStore: shuffling, batching, device sharding, float64 moments, integrity checks."""
+import json
+import os
+import shutil
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from _cache_worker import make_tiny_model, synthetic_texts  # noqa: E402
+
+from sae.activations import ActivationStore, cache_activations  # noqa: E402
+
+D = 32
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    import torch
+
+    root = tmp_path_factory.mktemp("store")
+    model = make_tiny_model(str(root / "llama"), "llama")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cache_activations(model, list(synthetic_texts(60, seed=7)), root / "cache",
+                          layers=[0, 2], context_length=24, batch_size=4,
+                          tokens_per_shard=100, progress=False)
+    finally:
+        torch.set_num_threads(n)
+    return root / "cache"
+
+
+def _rows(store):
+    return np.concatenate([np.asarray(store.activations(s)) for s in range(store.n_shards)])
+
+
+def _as_sorted_set(x):
+    x = np.asarray(x)
+    return x[np.lexsort(x.T[::-1])]
+
+
+def test_epoch_is_a_permutation_of_all_rows(cache_dir):
+    st = ActivationStore(cache_dir, layer=2, batch_size=64, seed=1, drop_last=False)
+    assert st.n_shards >= 6 and st.d_model == D
+    batches = list(st)
+    assert all(isinstance(b, jax.Array) for b in batches)
+    assert [b.shape for b in batches[:-1]] == [(64, D)] * (len(batches) - 1)
+    got = np.concatenate([np.asarray(b) for b in batches])
+    all_rows = _rows(st)
+    assert len(got) == st.n_tokens == len(all_rows)
+    np.testing.assert_array_equal(_as_sorted_set(got), _as_sorted_set(all_rows))
+    assert not np.array_equal(got, all_rows)  # shuffled
+    # batches mix shards: the first batch draws rows from more than one shard
+    first = np.asarray(batches[0])
+    owners = {s for s in range(st.n_shards)
+              for r in first[:8] if (np.asarray(st.activations(s)) == r).all(1).any()}
+    assert len(owners) > 1
+
+
+def test_shuffle_is_seeded_and_changes_per_epoch(cache_dir):
+    def epoch(seed, **kw):
+        return np.concatenate([np.asarray(b) for b in
+                               ActivationStore(cache_dir, layer=0, batch_size=50, seed=seed,
+                                               **kw)])
+    a, b, c = epoch(0), epoch(0), epoch(1)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    st = ActivationStore(cache_dir, layer=0, batch_size=50, seed=0)
+    e0, e1 = (np.concatenate([np.asarray(x) for x in st]) for _ in range(2))
+    np.testing.assert_array_equal(e0, a)
+    assert not np.array_equal(e0, e1)
+    assert len(e0) == (st.n_tokens // 50) * 50 == len(st) * 50  # drop_last
+    # synchronous (prefetch=0) and windowed shuffles are permutations too
+    sync = epoch(0, prefetch=0)
+    np.testing.assert_array_equal(sync, a)
+    w = ActivationStore(cache_dir, layer=0, batch_size=50, window_shards=2, drop_last=False)
+    np.testing.assert_array_equal(_as_sorted_set(np.concatenate([np.asarray(x) for x in w])),
+                                  _as_sorted_set(_rows(w)))
+
+
+def test_unshuffled_reads_cache_order_and_batches_stream(cache_dir):
+    st = ActivationStore(cache_dir, layer=2, batch_size=37, shuffle=False, drop_last=False,
+                         as_numpy=True)
+    got = list(st)
+    assert all(isinstance(b, np.ndarray) for b in got)
+    np.testing.assert_array_equal(np.concatenate(got), _rows(st))
+    stream = ActivationStore(cache_dir, layer=2, batch_size=37).batches(num_batches=3 * len(st))
+    assert sum(1 for _ in stream) == 3 * len(st)
+    # abandoning an iteration mid-epoch does not hang the prefetch thread
+    it = iter(ActivationStore(cache_dir, layer=2, batch_size=8, prefetch=2))
+    next(it)
+    it.close()
+
+
+def test_batches_sharded_over_device_mesh(cache_dir):
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    assert jax.device_count() == 8
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    st = ActivationStore(cache_dir, layer=0, batch_size=64, sharding=mesh, seed=3)
+    ref = ActivationStore(cache_dir, layer=0, batch_size=64, as_numpy=True, seed=3)
+    for x, y in zip(st, ref):
+        assert isinstance(x.sharding, NamedSharding)
+        assert x.sharding.spec == PartitionSpec(("data",), None)
+        assert len(x.addressable_shards) == 8 and x.addressable_shards[0].data.shape == (8, D)
+        np.testing.assert_array_equal(np.asarray(x), y)
+    with pytest.raises(ValueError, match="batch_size=60: not divisible"):
+        ActivationStore(cache_dir, layer=0, batch_size=60, sharding=mesh)
+
+
+def test_moments_are_float64_and_exact(cache_dir):
+    st = ActivationStore(cache_dir, layer=2)
+    mom = st.moments(chunk_tokens=77)  # chunks straddle shard and chunk boundaries
+    x = _rows(st).astype(np.float64)
+    assert mom.mean.dtype == np.float64 and mom.second_moment.dtype == np.float64
+    assert mom.count == len(x)
+    np.testing.assert_allclose(mom.mean, x.mean(0), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(mom.second_moment, x.T @ x / len(x), rtol=1e-12, atol=1e-12)
+    part = st.moments(max_tokens=150)
+    assert part.count == 150
+    np.testing.assert_allclose(part.second_moment, x[:150].T @ x[:150] / 150, rtol=1e-12)
+
+
+def test_store_argument_errors(cache_dir):
+    with pytest.raises(ValueError, match=r"layer=None: the cache holds layers \[0, 2\]"):
+        ActivationStore(cache_dir)
+    with pytest.raises(ValueError, match=r"layer=1: not in the cache, which holds \[0, 2\]"):
+        ActivationStore(cache_dir, layer=1)
+    with pytest.raises(ValueError, match="batch_size=0"):
+        ActivationStore(cache_dir, layer=0, batch_size=0)
+    with pytest.raises(FileNotFoundError, match="no such cache folder"):
+        ActivationStore(cache_dir.parent / "nowhere", layer=0)
+
+
+@pytest.fixture
+def copy(cache_dir, tmp_path):
+    dst = tmp_path / "cache"
+    shutil.copytree(cache_dir, dst)
+    manifest = json.loads((dst / "manifest.json").read_text())
+    return dst, manifest
+
+
+def _file(dst, manifest, shard, key):
+    return dst / manifest["shards"][shard]["files"][key]["file"]
+
+
+def test_corrupted_shard_detected_on_open(copy):
+    dst, m = copy
+    f = _file(dst, m, 3, "layer_002")
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one flipped bit, size unchanged
+    f.write_bytes(bytes(data))
+    ActivationStore(dst, layer=2, verify="size")  # size-only check cannot see it …
+    with pytest.raises(ValueError, match="shard 3: checksum mismatch in shard_000003.layer_002"):
+        ActivationStore(dst, layer=2)  # … the default full check does
+
+
+def test_truncated_shard_detected_on_open(copy):
+    dst, m = copy
+    f = _file(dst, m, 1, "token_ids")
+    f.write_bytes(f.read_bytes()[:-4])
+    for verify in ("size", "full"):
+        with pytest.raises(ValueError, match="shard 1: file shard_000001.token_ids.npy .*truncated"):
+            ActivationStore(dst, layer=0, verify=verify)
+
+
+def test_missing_shard_detected_on_open(copy):
+    dst, m = copy
+    _file(dst, m, 0, "layer_000").unlink()
+    with pytest.raises(FileNotFoundError, match="shard 0: missing file .*layer_000"):
+        ActivationStore(dst, layer=2)
+
+
+def test_manifest_mismatch_detected_on_open(copy):
+    dst, m = copy
+    m["d_model"] = D + 1
+    (dst / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ValueError, match=r"holds \(\d+, 32\) float32, manifest expects \(\d+, 33\)"):
+        ActivationStore(dst, layer=0, verify="size")
+    (dst / "manifest.json").write_text("{not json")
+    with pytest.raises(ValueError, match="unreadable manifest.json"):
+        ActivationStore(dst, layer=0)

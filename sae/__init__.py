@@ -1,0 +1,5 @@
+# --- SAE model / training / metrics / io (issue 4) ---
+from . import io, metrics  # noqa: E402,F401
+from .model import JumpReLUSAE, TopKSAE, decode, encode, jumprelu, reconstruct, step  # noqa: E402,F401
+from . import train  # noqa: E402,F401  (callable module: sae.train(data, config, ...))
+from .train import HParams, NonFiniteError, TrainConfig, TrainResult, make_mesh, sweep  # noqa: E402,F401,E501

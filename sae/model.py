@@ -167,8 +167,21 @@ def topk_codes(pi: Array, k: int) -> Array:
     (Gao et al. 2024, "Scaling and evaluating sparse autoencoders", eq. 3.) (..., M) → (..., M).
     Gradient flows to the kept entries only (ties at the k-th value may keep more than k).
     """
-    kth = jax.lax.top_k(pi, k)[0][..., -1:]
+    kth = jax.lax.stop_gradient(_kth_largest(pi, k))
     return jax.nn.relu(pi) * (pi >= kth).astype(pi.dtype)
+
+
+def _kth_largest(pi: Array, k: int) -> Array:
+    """k-th largest value along the last axis, (..., 1). For small k, k max-and-mask passes
+    (``lax.top_k`` is slow on XLA:CPU); otherwise ``lax.top_k``."""
+    if k > 8:
+        return jax.lax.top_k(pi, k)[0][..., -1:]
+    cur = pi
+    m = None
+    for _ in range(k):
+        m = jnp.max(cur, axis=-1, keepdims=True)
+        cur = jnp.where(cur >= m, -jnp.inf, cur)
+    return m
 
 
 # --------------------------------------------------------------------------------------

@@ -867,3 +867,13 @@ def train(data, config: TrainConfig, *, sweep: tuple[HParams, Any] | None = None
     params = fold_scale(_export_params(graphdef, state.params, config, stacked), scale)
     return TrainResult(params=params, state=state, graphdef=graphdef, config=config,
                        scale=float(scale), history=history, n_sae=n_sae, hparams=hp)
+
+
+# `sae.train` is both this module and the training entry point: calling the module calls
+# `train(...)`, so `sae.train(X, cfg)` and `from sae.train import TrainConfig` both work.
+class _CallableModule(__import__("types").ModuleType):
+    def __call__(self, *args, **kwargs):
+        return train(*args, **kwargs)
+
+
+__import__("sys").modules[__name__].__class__ = _CallableModule

@@ -1,0 +1,112 @@
+"""sae.model: straight-through pseudo-derivatives against hand-derived values, pure
+functions vs module methods, TopK, and bad-input errors."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from sae.model import (JumpReLUSAE, TopKSAE, decode, encode, jumprelu, reconstruct, step,
+                       topk_codes)
+
+# z around θ = 1 with ε = 0.1: (z − θ)/ε = [-5, 0, 0.4, -0.4, 10, 0.6]
+Z = jnp.array([0.5, 1.0, 1.04, 0.96, 2.0, 1.06])
+THETA = jnp.array([1.0, 1.0, 1.0, 1.0, 1.0, 1.0])
+EPS = 0.1
+G = jnp.array([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])  # upstream cotangent
+
+
+def test_jumprelu_forward_and_pseudo_derivatives_match_hand_values():
+    out = jumprelu(Z, THETA, EPS)
+    # z·H(z−θ) with strict inequality: z = θ = 1.0 does not fire
+    np.testing.assert_allclose(out, [0.0, 0.0, 1.04, 0.0, 2.0, 1.06], rtol=1e-6)
+    gz, gt = jax.grad(lambda z, t: jnp.sum(G * jumprelu(z, t, EPS)), argnums=(0, 1))(Z, THETA)
+    # ∂/∂z = H(z − θ) · g
+    np.testing.assert_allclose(gz, [0, 0, 3.0, 0, 5.0, 6.0], rtol=1e-6)
+    # ∂/∂θ = −(θ/ε) K((z−θ)/ε) · g;  K = 1 at u ∈ {0, 0.4, −0.4}, 0 at −5, 10, 0.6
+    np.testing.assert_allclose(gt, [0, -10 * 2.0, -10 * 3.0, -10 * 4.0, 0, 0], rtol=1e-5)
+
+
+def test_step_pseudo_derivatives_match_hand_values():
+    np.testing.assert_allclose(step(Z, THETA, EPS), [0, 0, 1, 0, 1, 1])
+    gz, gt = jax.grad(lambda z, t: jnp.sum(G * step(z, t, EPS)), argnums=(0, 1))(Z, THETA)
+    np.testing.assert_allclose(gz, np.zeros(6))
+    # ∂/∂θ = −(1/ε) K((z−θ)/ε) · g ; here θ = 2 for one entry to see that θ does not scale it
+    np.testing.assert_allclose(gt, [0, -20.0, -30.0, -40.0, 0, 0], rtol=1e-5)
+    t2 = THETA.at[1].set(2.0)
+    z2 = Z.at[1].set(2.0)
+    gt2 = jax.grad(lambda t: jnp.sum(G * step(z2, t, EPS)))(t2)
+    np.testing.assert_allclose(gt2[1], -20.0, rtol=1e-5)
+    gt3 = jax.grad(lambda t: jnp.sum(G * jumprelu(z2, t, EPS)))(t2)
+    np.testing.assert_allclose(gt3[1], -(2.0 / EPS) * 2.0, rtol=1e-5)
+
+
+def test_broadcast_theta_gradient_sums_over_batch():
+    z = jnp.stack([Z, Z])  # (2, 6), θ (6,)
+    gt = jax.grad(lambda t: jnp.sum(step(z, t, EPS)))(THETA)
+    np.testing.assert_allclose(gt, 2 * np.array([0, -10, -10, -10, 0, 0.0]), rtol=1e-5)
+
+
+def test_l0_sparsity_trains_only_threshold():
+    m = JumpReLUSAE(8, 16, rngs=nnx.Rngs(0), theta_init=0.05)
+    x = jax.random.normal(jax.random.key(1), (32, 8)) * 0.3
+    g, s = nnx.split(m)
+
+    def sparsity_only(state):
+        mm = nnx.merge(g, state)
+        return mm.loss(x, lam=1.0, eps=0.1).sparsity
+
+    grads = jax.grad(sparsity_only)(s)
+    assert float(jnp.abs(grads["theta"][...]).sum()) > 0
+    for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
+        assert float(jnp.abs(grads[name][...]).sum()) == 0.0, name
+
+
+def test_pure_functions_match_module_and_init_is_gdm():
+    m = JumpReLUSAE(8, 16, rngs=nnx.Rngs(0), theta_init=0.01)
+    p = m.params()
+    np.testing.assert_allclose(jnp.linalg.norm(p["W_dec"], axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(p["W_enc"], p["W_dec"].T)
+    p["b_dec"] = jnp.linspace(-1, 1, 8)
+    m.b_dec[...] = p["b_dec"]
+    x = jax.random.normal(jax.random.key(2), (5, 8))
+    f = encode(p, x)
+    np.testing.assert_allclose(f, m.encode(x), rtol=1e-6)
+    np.testing.assert_allclose(reconstruct(p, x), m(x), rtol=1e-6)
+    np.testing.assert_allclose(decode(p, f), f @ p["W_dec"] + p["b_dec"], rtol=1e-5, atol=1e-6)
+    # apply_b_dec_to_input changes pre-activations by −b_dec W_enc
+    f2 = encode(p, x, apply_b_dec_to_input=False)
+    assert not np.allclose(f, f2)
+
+
+def test_log_threshold_parameterisation():
+    m = JumpReLUSAE(4, 6, rngs=nnx.Rngs(0), theta_init=0.2, log_theta=True)
+    np.testing.assert_allclose(m.theta[...], np.log(0.2), rtol=1e-6)
+    np.testing.assert_allclose(m.threshold, 0.2, rtol=1e-6)
+
+
+def test_topk_keeps_exactly_k_nonnegative():
+    pi = jax.random.normal(jax.random.key(0), (7, 20))
+    f = topk_codes(pi, 3)
+    nz = np.asarray((f != 0).sum(-1))
+    assert np.all(nz <= 3)
+    srt = np.sort(np.asarray(pi), axis=-1)[:, -3:]
+    for r in range(7):  # kept entries are the top-3 positive values
+        np.testing.assert_allclose(np.sort(np.asarray(f[r])[np.asarray(f[r]) != 0]),
+                                   srt[r][srt[r] > 0], rtol=1e-6)
+    m = TopKSAE(8, 32, 4, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(3), (10, 8))
+    assert int((m.encode(x) != 0).sum(-1).max()) <= 4
+
+
+@pytest.mark.parametrize("kw, msg", [
+    (dict(d_in=0, width=4), "d_in"),
+    (dict(d_in=4, width=0), "width"),
+    (dict(d_in=4, width=-3), "width"),
+    (dict(d_in=4, width=8, theta_init=-1.0), "theta_init"),
+])
+def test_model_bad_input(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        JumpReLUSAE(rngs=nnx.Rngs(0), **kw)
+    with pytest.raises(TypeError, match="width"):
+        JumpReLUSAE(4, 2.5, rngs=nnx.Rngs(0))

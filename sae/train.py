@@ -98,6 +98,8 @@ class TrainConfig:
     dead_tokens: a latent is dead after this many tokens without firing.
     steps_per_call: steps scanned inside one jitted call (data arrive as (k, B, d) chunks).
     matmul_dtype: None | "bfloat16" (matmul operands; accumulation and Adam in f32).
+    seed: init seed of a single SAE (a sweep has its own seeds); data_seed: shuffling seed of
+      an in-memory array source (None: ``seed``).
     """
 
     d_in: int
@@ -133,6 +135,7 @@ class TrainConfig:
     checkpoint_every: int = 0
     matmul_dtype: str | None = None
     seed: int = 0
+    data_seed: int | None = None
     progress: bool = True
 
     def __post_init__(self):
@@ -728,7 +731,8 @@ def train(data, config: TrainConfig, *, sweep: tuple[HParams, Any] | None = None
         if (np.any(arr < 0) if name == "lam" else np.any(arr <= 0)):
             exp = "≥ 0" if name == "lam" else "> 0"
             raise ValueError(f"hparams.{name} must be {exp}, got {name}={arr.tolist()}")
-    source = _as_source(data, config, config.seed)
+    source = _as_source(data, config, config.seed if config.data_seed is None
+                        else config.data_seed)
     k = config.steps_per_call
     total = config.total_steps if max_steps is None else min(max_steps, config.total_steps)
 
@@ -819,6 +823,8 @@ def train(data, config: TrainConfig, *, sweep: tuple[HParams, Any] | None = None
             nxt_step = step + k
             chunk = next_chunk(nxt_step) if nxt_step < total else None  # overlaps compute
             metrics = jax.device_get(metrics)
+            if stacked:  # vmapped: (N, k) → (k, N)
+                metrics = {n: np.moveaxis(np.asarray(v), 0, 1) for n, v in metrics.items()}
             finite = np.asarray(jax.device_get(finite))
             bf = np.asarray(metrics["batch_finite"]).reshape(k, -1)
             if not bf.all():

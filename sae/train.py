@@ -59,6 +59,7 @@ __all__ = [
     "PlantedSource",
     "planted_dictionary",
     "make_mesh",
+    "make_chunk_fn",
     "estimate_scale",
     "fold_scale",
 ]
@@ -652,6 +653,12 @@ def _chunk_fn(graphdef, config, stacked: bool):
             fn = jax.vmap(fn, in_axes=(0, None, 0))
         _COMPILED[key] = jax.jit(fn, donate_argnums=(0,))
     return _COMPILED[key]
+
+
+def make_chunk_fn(config: TrainConfig, stacked: bool = False):
+    """The jitted ``(state, chunk (k,B,d), hp) -> (state, metrics, params_finite)`` used by
+    ``train`` (vmapped over stacked states/hparams when ``stacked``; the state is donated)."""
+    return _chunk_fn(graphdef_of(config), config, stacked)
 
 
 def _meta(config, step, scale, n_sae, hp, seeds):

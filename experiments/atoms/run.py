@@ -1,0 +1,68 @@
+"""The atoms paper, end to end: ``python -m experiments.atoms.run``.
+
+Caches the residual stream of every layer of a model (default: the embedded
+all-MiniLM-L6-v2, offline), trains per layer a vmapped λ sweep of each unit variant
+(Euclidean "features", AIP "atoms" with whitened inputs and with the tied encoder
+W_enc = S̃D), runs the atoms analysis and writes results/atoms/{table.md, table.json,
+angles.png, units_per_layer.png}.
+
+Full scale (the paper's Gemma2-2B; needs the weights and a GPU):
+    python -m experiments.atoms.run --model google/gemma-2-2b --device cuda \
+        --max-tokens 1000000 --steps 20000 --batch-size 4096 --cache-dtype bfloat16 \
+        --gemma-scope 12=/path/to/gemma-scope-2b-pt-res/layer_12/width_16k/.../params.npz
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+
+from experiments.atoms.pipeline import AtomsConfig, run_pipeline
+
+
+def _floats(s):
+    return tuple(float(v) for v in s.split(","))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="HF name or path (default: embedded MiniLM)")
+    ap.add_argument("--layers", default=None, help="comma list (default: every layer)")
+    ap.add_argument("--texts", default=None, help="corpus: path, hf:<dataset>, default offline")
+    ap.add_argument("--max-tokens", type=int, default=12_000)
+    ap.add_argument("--context-length", type=int, default=128)
+    ap.add_argument("--cache-dtype", default="float32")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--width-mult", type=int, default=4)
+    ap.add_argument("--recipe", default="anthropic", choices=["anthropic", "gdm"])
+    ap.add_argument("--lams", type=_floats, default=(1.0, 3.0, 10.0))
+    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--batch-size", type=int, default=512)
+    ap.add_argument("--no-tied", action="store_true")
+    ap.add_argument("--ridge", type=float, default=0.0)
+    ap.add_argument("--select-r2", type=float, default=0.9)
+    ap.add_argument("--gemma-scope", action="append", default=[],
+                    help="LAYER=path/params.npz (repeatable): a public SAE as 'features_public'")
+    ap.add_argument("--out", default="results/atoms")
+    ap.add_argument("--cache-dir", default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args(argv)
+    gs = {int(k): v for k, v in (s.split("=", 1) for s in a.gemma_scope)} or None
+    cfg = AtomsConfig(
+        model=a.model, layers=None if a.layers is None else tuple(int(v) for v in a.layers.split(",")),
+        texts=a.texts, max_tokens=a.max_tokens, context_length=a.context_length,
+        cache_dtype=a.cache_dtype, device=a.device, width_mult=a.width_mult, recipe=a.recipe,
+        lams=a.lams, steps=a.steps, batch_size=a.batch_size, tied=not a.no_tied, ridge=a.ridge,
+        select_r2=a.select_r2, gemma_scope=gs, seed=a.seed)
+    cmd = "python -m experiments.atoms.run " + " ".join(shlex.quote(v) for v in (argv or sys.argv[1:]))
+    res = run_pipeline(cfg, a.out, a.cache_dir, command=cmd,
+                       log=lambda m: print(m, flush=True))
+    print(json.dumps(res["average"], indent=1))
+    print(f"wrote {a.out}/table.md table.json angles.png units_per_layer.png "
+          f"({res['seconds_total']:.0f}s)")
+    return res
+
+
+if __name__ == "__main__":
+    main()

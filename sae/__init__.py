@@ -3,3 +3,5 @@ from . import io, metrics  # noqa: E402,F401
 from .model import JumpReLUSAE, TopKSAE, decode, encode, jumprelu, reconstruct, step  # noqa: E402,F401
 from . import train  # noqa: E402,F401  (callable module: sae.train(data, config, ...))
 from .train import HParams, NonFiniteError, TrainConfig, TrainResult, make_mesh, sweep  # noqa: E402,F401,E501
+# --- activation cache (issue 5); these imports do not import torch/transformers ---
+from .activations import ActivationStore, Moments, cache_activations, default_corpus  # noqa: E402,F401

@@ -44,16 +44,17 @@ import os
 import re
 import sys
 import time
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
 from sae.corpus import CHAIN_START, TextSource, as_text_source, chain_hash
 from sae.store import (
+    _STORAGE_DTYPES,
     FORMAT,
     MANIFEST_NAME,
-    _STORAGE_DTYPES,
     atomic_save_npy,
     fsync_dir,
     layer_key,
@@ -63,7 +64,7 @@ from sae.store import (
     write_manifest,
 )
 
-__all__ = ["cache_activations", "find_blocks", "disk_bytes_per_million_tokens"]
+__all__ = ["cache_activations", "disk_bytes_per_million_tokens", "find_blocks"]
 
 DTYPES = tuple(_STORAGE_DTYPES)
 #: Manifest fields that must agree for a run to continue (resume) an existing cache.
@@ -454,13 +455,19 @@ def cache_activations(
     name = _resolve_model_name(model)
     config = _load_config(name, revision, trust_remote_code)
     tcfg = _text_config(config)
-    n_layers = int(getattr(tcfg, "num_hidden_layers"))
-    d_model = int(getattr(tcfg, "hidden_size"))
+    n_layers = int(tcfg.num_hidden_layers)
+    d_model = int(tcfg.hidden_size)
     bad = [l for l in layers if l >= n_layers]
     if bad:
         raise ValueError(
             f"layers={layers}: {bad} out of range; model {name!r} has {n_layers} blocks, "
             f"expected indices in [0, {n_layers - 1}]"
+        )
+    max_pos = getattr(tcfg, "max_position_embeddings", None)
+    if isinstance(max_pos, int) and context_length > max_pos:
+        raise ValueError(
+            f"context_length={context_length}: model {name!r} supports at most {max_pos} "
+            f"positions (max_position_embeddings)"
         )
     from transformers import AutoTokenizer
 
@@ -538,7 +545,7 @@ def cache_activations(
                desc=f"caching {Path(name).name}", dynamic_ncols=True)
     capture = _Capture(net, blocks, layers)
     buf = _ShardBuffer(layers)
-    t0, run_tokens = time.perf_counter(), 0
+    t0, run_tokens, t_forward = time.perf_counter(), 0, 0.0
     text_idx = consumed
     exhausted = False
     try:
@@ -554,11 +561,15 @@ def cache_activations(
                     if not isinstance(t, str):
                         raise TypeError(f"texts: element {text_idx + j} is "
                                         f"{type(t).__name__}, expected str")
+                tf = time.perf_counter()
                 enc = tok(batch, truncation=True, max_length=context_length, padding=True,
                           return_tensors="pt")
                 ids = enc["input_ids"].to(torch_device)
                 att = enc["attention_mask"].to(torch_device)
                 hs = capture.run(ids, att)
+                if torch_device.type == "cuda":
+                    torch.cuda.synchronize(torch_device)
+                t_forward += time.perf_counter() - tf
                 keep = att.bool()
                 if len(special_ids):
                     keep &= ~torch.isin(ids, special_t)
@@ -583,7 +594,8 @@ def cache_activations(
         manifest["complete"] = bool(exhausted)
         manifest["runs"][-1].update(
             finished=_dt.datetime.now(_dt.timezone.utc).isoformat(), tokens=run_tokens,
-            loop_seconds=round(time.perf_counter() - t0, 4))
+            loop_seconds=round(time.perf_counter() - t0, 4),
+            forward_seconds=round(t_forward, 4))  # tokenise + model forward only
         write_manifest(out, manifest)
     finally:
         capture.close()

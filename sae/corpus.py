@@ -31,18 +31,19 @@ import json
 import os
 import sys
 import sysconfig
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 __all__ = [
+    "CHAIN_START",
     "TextSource",
     "as_text_source",
     "chain_hash",
     "default_corpus",
     "hf_dataset",
     "local_texts",
-    "CHAIN_START",
 ]
 
 #: Initial value of the text hash chain (hash of zero texts).

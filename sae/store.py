@@ -24,16 +24,17 @@ import json
 import os
 import queue
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
 __all__ = [
+    "FORMAT",
+    "MANIFEST_NAME",
     "ActivationStore",
     "Moments",
-    "MANIFEST_NAME",
-    "FORMAT",
     "read_manifest",
     "verify_cache",
 ]
@@ -554,7 +555,7 @@ def _prefetch(it: Iterator[Any], depth: int) -> Iterator[Any]:
                 if stop.is_set():
                     return
             q.put((True, _DONE))
-        except BaseException as e:  # propagate to the consumer
+        except BaseException as e:  # noqa: BLE001  (re-raised in the consumer)
             q.put((False, e))
 
     t = threading.Thread(target=worker, daemon=True, name="ActivationStore-prefetch")

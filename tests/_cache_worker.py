@@ -12,15 +12,7 @@ import random
 import sys
 import time
 
-WORDS = (
-    "the a of to and in is that for it with as was on be by this are from or have an at "
-    "which one not but all they we can were there more if when their has been would will "
-    "model layer token atom sparse feature vector matrix rank signal noise error gradient "
-    "step rate loss norm basis dictionary residual stream attention head block weight bias "
-    "python module function class method return value list string number file path data "
-    "river mountain city music colour garden winter summer ocean forest light shadow "
-    "quickly slowly under over between before after during while because although"
-).split()
+WORDS = ["the", "a", "of", "to", "and", "in", "is", "that", "for", "it", "with", "as", "was", "on", "be", "by", "this", "are", "from", "or", "have", "an", "at", "which", "one", "not", "but", "all", "they", "we", "can", "were", "there", "more", "if", "when", "their", "has", "been", "would", "will", "model", "layer", "token", "atom", "sparse", "feature", "vector", "matrix", "rank", "signal", "noise", "error", "gradient", "step", "rate", "loss", "norm", "basis", "dictionary", "residual", "stream", "attention", "head", "block", "weight", "bias", "python", "module", "function", "class", "method", "return", "value", "list", "string", "number", "file", "path", "data", "river", "mountain", "city", "music", "colour", "garden", "winter", "summer", "ocean", "forest", "light", "shadow", "quickly", "slowly", "under", "over", "between", "before", "after", "during", "while", "because", "although"]
 
 
 def synthetic_texts(n: int, seed: int = 0, sleep: float = 0.0):

@@ -10,13 +10,12 @@ from pathlib import Path
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_VERBOSITY"] = "error"
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
+import numpy as np
+import pytest
+import torch
+from _cache_worker import make_tiny_model, synthetic_texts
 
-import torch  # noqa: E402  (the `llm` extra is part of the dev set-up)
-from _cache_worker import make_tiny_model, synthetic_texts  # noqa: E402
-
-from sae.activations import (  # noqa: E402
+from sae.activations import (
     ActivationStore,
     cache_activations,
     default_corpus,
@@ -145,8 +144,8 @@ def test_exclude_special_false_keeps_bos_and_bf16(tiny_models, tmp_path):
 def test_limit_then_continue_equals_one_run(tiny_models, tmp_path):
     """Stopping at max_texts and re-running continues exactly where the cache stopped."""
     texts = list(synthetic_texts(30, seed=5))
-    kw = dict(layers=[0, 2], context_length=CTX, batch_size=4, tokens_per_shard=50,
-              progress=False)
+    kw = {"layers": [0, 2], "context_length": CTX, "batch_size": 4, "tokens_per_shard": 50,
+          "progress": False}
     full = cache_activations(tiny_models["gemma2"], texts, tmp_path / "one", **kw)
     part = cache_activations(tiny_models["gemma2"], texts, tmp_path / "two", max_texts=12, **kw)
     assert not part["complete"] and part["source"]["texts_consumed"] == 12
@@ -181,8 +180,8 @@ def test_default_corpus_is_deterministic_and_offline():
 
 
 def _bad_calls(tiny, tmp_path):
-    good = dict(model=tiny["llama"], texts=["the model"], out_dir=tmp_path / "out", layers=[0],
-                context_length=CTX, progress=False)
+    good = {"model": tiny["llama"], "texts": ["the model"], "out_dir": tmp_path / "out",
+            "layers": [0], "context_length": CTX, "progress": False}
     return {
         "unknown model path": ({**good, "model": str(tmp_path / "no_such_model")},
                                FileNotFoundError, "model=.*no_such_model"),
@@ -199,6 +198,8 @@ def _bad_calls(tiny, tmp_path):
         "context_length 0": ({**good, "context_length": 0}, ValueError,
                              "context_length=0: expected a positive int"),
         "context_length -5": ({**good, "context_length": -5}, ValueError, "context_length=-5"),
+        "context_length too long": ({**good, "context_length": 129}, ValueError,
+                                    "context_length=129: .* at most 128 positions"),
         "batch_size 0": ({**good, "batch_size": 0}, ValueError, "batch_size=0"),
         "dtype": ({**good, "dtype": "int8"}, ValueError, "dtype='int8': expected one of"),
         "texts not str": ({**good, "texts": [b"bytes"]}, TypeError, "element 0 is bytes"),
@@ -238,4 +239,4 @@ def test_import_sae_does_not_import_torch():
     code = ("import sys, sae, sae.activations, sae.store, sae.corpus; "
             "sys.exit(int('torch' in sys.modules or 'transformers' in sys.modules))")
     root = Path(__file__).resolve().parents[1]
-    assert subprocess.run([sys.executable, "-c", code], cwd=root).returncode == 0
+    assert subprocess.run([sys.executable, "-c", code], cwd=root, check=False).returncode == 0

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 os.environ["HF_HUB_OFFLINE"] = "1"
-from _cache_worker import make_tiny_model, run_cache  # noqa: E402
+from _cache_worker import make_tiny_model, run_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("_cache_worker.py")

@@ -6,12 +6,12 @@ import shutil
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_VERBOSITY"] = "error"
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-from _cache_worker import make_tiny_model, synthetic_texts  # noqa: E402
+import jax
+import numpy as np
+import pytest
+from _cache_worker import make_tiny_model, synthetic_texts
 
-from sae.activations import ActivationStore, cache_activations  # noqa: E402
+from sae.activations import ActivationStore, cache_activations
 
 D = 32
 

@@ -3,13 +3,19 @@
 1. Caching throughput: ``cache_activations`` (tokenise, forward, gather non-special rows,
    convert, write + fsync + sha256, commit) against the bare model forward (tokenise +
    forward) on the same texts, same batches, same model (all-MiniLM-L6-v2, real weights),
-   caching the LAST block so both run the full network. Steady-state loop time, model load
-   excluded from both; best of ``repeats`` interleaved runs (the machine is shared).
-   ``cache_overhead = 1 - cache_tokens_per_s / bare_tokens_per_s`` (target <= 0.10).
-2. Read throughput: one shuffled epoch of ``ActivationStore`` (memmap gather, jax device
-   arrays, double-buffered prefetch) against a raw read of the same shard files
-   (``readinto`` a preallocated buffer), both from the page cache.
-   ``read_fraction = store_bytes_per_s / raw_bytes_per_s`` (target >= 0.8).
+   caching the LAST block so both run the full network; model load excluded.
+   Two measures: (a) a separate bare-forward run vs a caching run, best of ``repeats``
+   interleaved runs — printed, but on this shared 2-core machine separate runs differ by
+   ±30% from load alone; (b) HEADLINE ``cache_overhead``: inside each caching run, the share
+   of loop time that is not the tokenise+forward of the same batches
+   (``1 - forward_seconds / loop_seconds`` from the manifest's run record), median over
+   repeats. Both equal ``1 - cache_tokens_per_s / bare_tokens_per_s`` (target <= 0.10).
+2. Read throughput: one shuffled epoch of ``ActivationStore`` (memmap gather, jax arrays,
+   double-buffered prefetch) against a raw read of the same shard files (``np.fromfile``
+   into fresh arrays), both from the page cache (the cache is the MiniLM cache replicated
+   ``--read-copies`` times). ``read_fraction = store_bytes_per_s / raw_bytes_per_s``
+   (target >= 0.8). Also printed: the unshuffled store, and a ``readinto``-one-buffer
+   raw read.
 
 Run: ``python -m experiments.benchmarks.activation_cache``. The LAST line printed is
 ``cache_overhead=<fraction> read_fraction=<fraction>``.
@@ -54,7 +60,7 @@ def cache_tokens_per_s(model_path, texts, out_dir, layer, context_length, batch_
                           context_length=context_length, batch_size=batch_size,
                           tokens_per_shard=4096, progress=False, resume=False)
     run = m["runs"][-1]
-    return run["tokens"] / run["loop_seconds"], m
+    return run["tokens"] / run["loop_seconds"], run["tokens"] / run["forward_seconds"], m
 
 
 def raw_read_bytes_per_s(files, repeats, reuse_buffer=False):
@@ -78,12 +84,13 @@ def raw_read_bytes_per_s(files, repeats, reuse_buffer=False):
     return sum(sizes) / best
 
 
-def store_read_bytes_per_s(cache_dir, layer, batch_size, repeats):
+def store_read_bytes_per_s(cache_dir, layer, batch_size, repeats, shuffle=True):
     import jax
 
     from sae.store import ActivationStore
 
-    st = ActivationStore(cache_dir, layer=layer, batch_size=batch_size, verify="size")
+    st = ActivationStore(cache_dir, layer=layer, batch_size=batch_size, verify="size",
+                         shuffle=shuffle)
     best, nbytes = float("inf"), 0
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -145,25 +152,34 @@ def main(argv=None):
     texts = list(default_corpus())[: args.texts]
     layer = 5  # last block of MiniLM: the cache runs the whole network, like the bare pass
     tmp = Path(tempfile.mkdtemp(prefix="bench_actcache_"))
-    bare, cached = [], []
+    bare, cached, inrun = [], [], []
     manifest = None
     for r in range(args.repeats):  # interleaved: both see the same machine load
         out = tmp / f"cache{r}"
-        tps, manifest = cache_tokens_per_s(model, texts, out, layer, args.context_length,
+        tps, fwd_in_run, manifest = cache_tokens_per_s(model, texts, out, layer, args.context_length,
                                            args.batch_size)
         cached.append(tps)
+        inrun.append(1.0 - tps / fwd_in_run)
         tps_b, n_b = bare_forward_tokens_per_s(model, texts, args.context_length,
                                                args.batch_size, manifest["exclude_special_ids"])
         bare.append(tps_b)
         assert n_b == manifest["n_tokens"], (n_b, manifest["n_tokens"])
     bare_best, cache_best = max(bare), max(cached)
-    overhead = 1.0 - cache_best / bare_best
+    separate = 1.0 - cache_best / bare_best
+    # Headline: within each caching run, the share of loop time that is not the
+    # tokenise+forward of the same batches (immune to load drift between separate runs on
+    # this shared machine); median over repeats.
+    overhead = float(sorted(inrun)[len(inrun) // 2])
     print(f"tokens={manifest['n_tokens']} texts={len(texts)} ctx={args.context_length} "
           f"batch={args.batch_size} model=all-MiniLM-L6-v2 layer={layer}")
     print(f"bare forward   : {bare_best:9.0f} tokens/s  (runs: "
           f"{', '.join(f'{x:.0f}' for x in bare)})")
     print(f"cache_activations: {cache_best:9.0f} tokens/s  (runs: "
           f"{', '.join(f'{x:.0f}' for x in cached)})")
+
+    print(f"overhead vs separate bare run (best of each, noisy): {separate:.3f}")
+    print(f"overhead within caching runs (non-forward share of loop time): "
+          f"{', '.join(f'{x:.3f}' for x in inrun)} -> median {overhead:.3f}")
 
     cache_dir = replicate_cache(tmp / "cache0", tmp / "big", args.read_copies)
     big = json.loads((cache_dir / "manifest.json").read_text())
@@ -172,15 +188,17 @@ def main(argv=None):
     raw = raw_read_bytes_per_s(files, args.read_repeats)
     raw_reuse = raw_read_bytes_per_s(files, args.read_repeats, reuse_buffer=True)
     batch = args.read_batch
-    store, st = store_read_bytes_per_s(cache_dir, layer, batch, args.read_repeats)
+    store, _ = store_read_bytes_per_s(cache_dir, layer, batch, args.read_repeats)
     read_fraction = store / raw
+    seq, _ = store_read_bytes_per_s(cache_dir, layer, batch, args.read_repeats, shuffle=False)
     mb = sum(f.stat().st_size for f in files) / 1e6
     print(f"raw read (np.fromfile, fresh arrays): {raw / 1e9:7.3f} GB/s over {mb:.1f} MB "
           f"({len(files)} shard files)")
     print(f"raw read (readinto one reused buffer): {raw_reuse / 1e9:7.3f} GB/s "
           f"-> store at {store / raw_reuse:.3f} of it")
     print(f"ActivationStore: {store / 1e9:7.3f} GB/s (shuffled epoch, batch {batch}, jax arrays)")
-    result = {"cache_overhead": overhead, "read_fraction": read_fraction,
+    print(f"ActivationStore: {seq / 1e9:7.3f} GB/s (unshuffled, same) -> {seq / raw:.3f} of raw")
+    result = {"cache_overhead": overhead, "cache_overhead_separate_runs": separate, "read_fraction": read_fraction,
               "bare_tokens_per_s": bare_best, "cache_tokens_per_s": cache_best,
               "raw_bytes_per_s": raw, "raw_reuse_bytes_per_s": raw_reuse, "store_bytes_per_s": store}
     if args.json:

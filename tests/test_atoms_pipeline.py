@@ -1,0 +1,88 @@
+"""Atoms pipeline end to end on a tiny random-weight model, the trained-SAE planted check,
+and the empty-store error."""
+import json
+import os
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from sae import atoms as at  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    torch = pytest.importorskip("torch")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_pipeline_tiny_model_end_to_end(tmp_path):
+    from _cache_worker import make_tiny_model, synthetic_texts
+
+    from experiments.atoms.pipeline import AtomsConfig, run_pipeline
+
+    model = make_tiny_model(str(tmp_path / "llama"), "llama", n_layers=2)
+    cfg = AtomsConfig(model=model, layers=None, texts=list(synthetic_texts(60, seed=1)),
+                      max_tokens=1200, context_length=64, width_mult=2, lams=(0.3, 1.0),
+                      steps=30, batch_size=64, n_pairs=400, n_bp=16, bp_iter=50,
+                      n_supports=16, max_eval=256)
+    res = run_pipeline(cfg, str(tmp_path / "out"), log=lambda m: None, command="test")
+    assert [L["layer"] for L in res["layers"]] == [0, 1]  # every layer
+    for L in res["layers"]:
+        assert set(L["rows"]) == {"neurons", "features", "atoms_whitened", "atoms_tied"}
+        assert L["rows"]["neurons"]["r2"] == pytest.approx(1.0)
+        assert L["rows"]["features"]["N"] == 64 and L["rows"]["features"]["H"] == 32
+        assert len(L["sweeps"]["features"]["members"]) == 2
+        for r in L["rows"].values():
+            assert 0.0 <= r["q_star"] <= 1.0 and np.isfinite(r["r2"])
+        assert "l1_exact_support" in L["rows"]["atoms_tied"]
+    for f in ("table.md", "table.json", "angles.png", "units_per_layer.png"):
+        assert (tmp_path / "out" / f).stat().st_size > 0
+    j = json.loads((tmp_path / "out" / "table.json").read_text())
+    assert set(j["average"]) == {"neurons", "features", "atoms_whitened", "atoms_tied"}
+    assert "| avg | atoms_tied |" in (tmp_path / "out" / "table.md").read_text()
+
+
+def test_trained_tied_sae_recovers_planted_supports():
+    """A trained AIP-tied SAE on planted Dirac–Hadamard data (μ = 1/8, K = 3) finds the atoms
+    and most supports (measured 0.92 at 3000 steps; this CPU-fast run uses 1500)."""
+    from sae.model import encode
+
+    from experiments.atoms.tied import train_tied
+
+    x, D, codes = at.planted_data(jax.random.key(0), H=64, N=128, K=3, n=4096,
+                                  delta_range=(0.7, 1.0))
+    aip = at.aip_from_moment(at.second_moment(x))
+    tr = train_tied(np.asarray(at.whiten(x, aip)), width=128, lams=[0.3], steps=1500,
+                    batch_size=256, lr=3e-3)
+    u = at.sae_units(tr["params"][0], x, lambda p, z: encode(jax.tree.map(np.asarray, p), z),
+                     aip=aip, whitened=True)
+    rec = at.planted_support_recovery(D, u["D"].T, codes, u["codes"])
+    assert rec["atoms_found"] >= 0.9
+    assert rec["support_recovery"] >= 0.5
+    assert at.r2(x, u["x_hat"]) > 0.9
+
+
+def test_match_atoms_exact():
+    x, D, codes = at.planted_data(jax.random.key(1), H=16, N=32, K=2, n=64)
+    perm = np.random.default_rng(0).permutation(32)
+    W_dec = 2.0 * D.T[perm]  # learned = permuted, rescaled atoms
+    m = at.match_atoms(D, W_dec)
+    np.testing.assert_array_equal(perm[m["index"]], np.arange(32))
+    learned = codes[:, perm] / 2.0
+    assert at.planted_support_recovery(D, W_dec, codes, learned)["support_recovery"] == 1.0
+
+
+def test_empty_store_errors(tmp_path):
+    class Empty:
+        n_tokens = 0
+        layer = 0
+
+    with pytest.raises(ValueError, match="empty store"):
+        at.store_second_moment(Empty())

@@ -346,5 +346,6 @@ def run_pipeline(cfg: AtomsConfig, out_dir: str, cache_dir: str | None = None,
     for layer in layers:
         x = layer_data(cache_dir, layer, cfg.max_tokens)
         res["layers"].append(analyze_layer(x, cfg, layer, log=log))
-    res["seconds_total"] = time.perf_counter() - t0
-    return write_outputs(res, out_dir)
+        res["seconds_total"] = time.perf_counter() - t0
+        write_outputs(res, out_dir)  # after every layer: partial results survive a stop
+    return res

@@ -12,7 +12,6 @@ setup: $(STAMP)
 # pull a multi-GB CUDA build. torch stays an optional extra of the package (`llm`).
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[llm,dev]'
 	touch $(STAMP)

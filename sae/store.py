@@ -20,6 +20,7 @@ exists only once ``manifest.json`` lists it with the sha256 and size of each of 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import queue
@@ -471,9 +472,11 @@ class ActivationStore:
         return jax.device_put(x, self.device)
 
     # ------------------------------------------------------------------ iteration
-    def iter_epoch(self, epoch: int) -> Iterator[Any]:
-        """Batches of epoch ``epoch`` (deterministic in ``(seed, epoch)``)."""
-        produce = (self._to_device(self._gather(p)) for p in self._batch_plans(epoch))
+    def iter_epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Any]:
+        """Batches of epoch ``epoch`` (deterministic in ``(seed, epoch)``), from batch
+        ``start_batch`` on (earlier batches are planned but never read)."""
+        plans = itertools.islice(self._batch_plans(epoch), start_batch, None)
+        produce = (self._to_device(self._gather(p)) for p in plans)
         if self.prefetch == 0:
             yield from produce
             return
@@ -484,21 +487,17 @@ class ActivationStore:
         self._epoch += 1
         return self.iter_epoch(epoch)
 
-    def batches(self, num_batches: int | None = None, start_epoch: int = 0) -> Iterator[Any]:
-        """An endless (or ``num_batches`` long) stream of batches over successive epochs."""
+    def batches(self, num_batches: int | None = None, start_epoch: int = 0) -> BatchStream:
+        """An endless (or ``num_batches`` long) iterator of batches over successive epochs.
+
+        The iterator has ``skip(n)``: it jumps n batches ahead without reading them, so a
+        resumed training run (``sae.train``) sees exactly the batches it would have seen."""
         if len(self) == 0:
             raise ValueError(
                 f"batch_size={self.batch_size}: larger than the cache ({self.n_tokens} rows) "
                 f"with drop_last=True"
             )
-        count, epoch = 0, start_epoch
-        while num_batches is None or count < num_batches:
-            for x in self.iter_epoch(epoch):
-                if num_batches is not None and count >= num_batches:
-                    return
-                yield x
-                count += 1
-            epoch += 1
+        return BatchStream(self, num_batches, start_epoch)
 
     # ------------------------------------------------------------------ statistics
     def moments(self, layer: int | None = None, max_tokens: int | None = None,
@@ -533,6 +532,48 @@ class ActivationStore:
         return (f"ActivationStore({str(self.path)!r}, layer={self.layer}, d={self.d_model}, "
                 f"n_tokens={self.n_tokens}, shards={self.n_shards}, "
                 f"batch_size={self.batch_size}, dtype={self.dtype_name})")
+
+
+class BatchStream:
+    """Iterator over batches of successive epochs of an :class:`ActivationStore`.
+
+    Batch number k (0-based) is batch ``k % len(store)`` of epoch ``start_epoch +
+    k // len(store)``; ``skip(n)`` moves the position n batches ahead without reading."""
+
+    def __init__(self, store: ActivationStore, num_batches: int | None, start_epoch: int):
+        self.store, self.num_batches, self.start_epoch = store, num_batches, start_epoch
+        self.pos = 0
+        self._it: Iterator[Any] | None = None
+
+    def __iter__(self) -> BatchStream:
+        return self
+
+    def skip(self, n: int) -> None:
+        if n < 0:
+            raise ValueError(f"n={n}: expected n >= 0")
+        self._close()
+        self.pos += n
+
+    def _close(self) -> None:
+        if self._it is not None:
+            self._it.close()
+            self._it = None
+
+    def __next__(self):
+        if self.num_batches is not None and self.pos >= self.num_batches:
+            self._close()
+            raise StopIteration
+        while True:
+            if self._it is None:
+                e, i = divmod(self.pos, len(self.store))
+                self._it = self.store.iter_epoch(self.start_epoch + e, i)
+            try:
+                x = next(self._it)
+            except StopIteration:
+                self._it = None  # epoch finished: the position is at the next epoch
+                continue
+            self.pos += 1
+            return x
 
 
 _DONE = object()

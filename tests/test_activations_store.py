@@ -183,3 +183,32 @@ def test_manifest_mismatch_detected_on_open(copy):
     (dst / "manifest.json").write_text("{not json")
     with pytest.raises(ValueError, match="unreadable manifest.json"):
         ActivationStore(dst, layer=0)
+
+
+def test_batch_stream_spans_epochs_and_skips_exactly(cache_dir):
+    st = ActivationStore(cache_dir, layer=0, batch_size=100, seed=5, as_numpy=True)
+    n = len(st)
+    full = list(st.batches(num_batches=2 * n + 3))
+    assert len(full) == 2 * n + 3
+    np.testing.assert_array_equal(np.concatenate(full[:n]),
+                                  np.concatenate(list(st.iter_epoch(0))))
+    np.testing.assert_array_equal(np.concatenate(full[n:2 * n]),
+                                  np.concatenate(list(st.iter_epoch(1))))
+    for k in (1, n - 1, n + 2):  # skipping lands on exactly the same batch, across epochs
+        stream = st.batches(num_batches=2 * n + 3)
+        stream.skip(k)
+        rest = list(stream)
+        assert len(rest) == 2 * n + 3 - k
+        np.testing.assert_array_equal(rest[0], full[k])
+
+
+def test_store_plugs_into_sae_training(cache_dir):
+    """The store's batch stream is accepted as-is by ``sae.train`` (any (B, d) iterator)."""
+    import sae
+
+    st = ActivationStore(cache_dir, layer=2, batch_size=64, seed=0)
+    cfg = sae.TrainConfig(d_in=D, width=64, batch_size=64, total_steps=6, log_every=3,
+                          scale_batches=2, progress=False)
+    res = sae.train(st.batches(), cfg)
+    assert res.params["W_dec"].shape == (64, D)
+    assert np.isfinite(res.params["W_dec"]).all()

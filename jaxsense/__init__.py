@@ -26,3 +26,7 @@ from jaxsense import rip
 from jaxsense.rip import l2_rip_constant, phi_gaussian, phi_outliers, sign_rip_constant
 
 __all__ += ["l2_rip_constant", "phi_gaussian", "phi_outliers", "rip", "sign_rip_constant"]
+from jaxsense import sweep as sweeps
+from jaxsense.sweep import SweepResult, sweep
+
+__all__ += ["SweepResult", "sweep", "sweeps"]

@@ -30,3 +30,8 @@ from jaxsense import sweep as sweeps
 from jaxsense.sweep import SweepResult, sweep
 
 __all__ += ["SweepResult", "sweep", "sweeps"]
+from jaxsense import sparse
+from jaxsense.sparse import atom_coherence, basis_pursuit, mutual_coherence, omp, rip_constant
+
+__all__ += ["sparse", "atom_coherence", "basis_pursuit", "mutual_coherence", "omp",
+            "rip_constant"]

@@ -109,7 +109,7 @@ def test_per_sample_uniqueness_dirac_hadamard():
                                   dictionary="dirac_hadamard")
     us = at.uniqueness_per_sample(D, codes)  # μ = 1/4 < 1/3 everywhere
     assert us["support_fraction"] == 1.0 and us["atom_fraction"] == 1.0
-    x4, D4, c4 = at.planted_data(jax.random.key(1), H=16, N=32, K=4, n=50)
+    _, D4, c4 = at.planted_data(jax.random.key(1), H=16, N=32, K=4, n=50)
     us4 = at.uniqueness_per_sample(D4, c4)  # 1/7 < 1/4: the atom-wise test fails for all
     assert us4["atom_fraction"] == 0.0
     assert us4["support_fraction"] >= us4["atom_fraction"]

@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from sae import atoms as at  # noqa: E402
+from sae import atoms as at
 
 
 @pytest.fixture(autouse=True)
@@ -52,9 +52,8 @@ def test_pipeline_tiny_model_end_to_end(tmp_path):
 def test_trained_tied_sae_recovers_planted_supports():
     """A trained AIP-tied SAE on planted Dirac–Hadamard data (μ = 1/8, K = 3) finds the atoms
     and most supports (measured 0.92 at 3000 steps; this CPU-fast run uses 1500)."""
-    from sae.model import encode
-
     from experiments.atoms.tied import train_tied
+    from sae.model import encode
 
     x, D, codes = at.planted_data(jax.random.key(0), H=64, N=128, K=3, n=4096,
                                   delta_range=(0.7, 1.0))
@@ -70,7 +69,7 @@ def test_trained_tied_sae_recovers_planted_supports():
 
 
 def test_match_atoms_exact():
-    x, D, codes = at.planted_data(jax.random.key(1), H=16, N=32, K=2, n=64)
+    _, D, codes = at.planted_data(jax.random.key(1), H=16, N=32, K=2, n=64)
     perm = np.random.default_rng(0).permutation(32)
     W_dec = 2.0 * D.T[perm]  # learned = permuted, rescaled atoms
     m = at.match_atoms(D, W_dec)

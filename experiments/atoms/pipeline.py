@@ -190,7 +190,7 @@ def analyze_layer(x: np.ndarray, cfg: AtomsConfig, layer: int, log=print) -> dic
         tr = train_tied(xw_train, width=width, lams=cfg.lams, steps=cfg.steps,
                         batch_size=min(cfg.batch_size, x_train.shape[0]), lr=cfg.tied_lr,
                         seed=cfg.seed)
-        enc = lambda p, z: encode(jax.tree.map(np.asarray, p), z)  # noqa: E731
+        enc = lambda p, z: encode(jax.tree.map(np.asarray, p), z)
         mem, us = [], []
         for i, p in enumerate(tr["params"]):
             u = at.sae_units(p, x_eval, enc, aip=aip, whitened=True)
@@ -262,9 +262,9 @@ def write_outputs(result: dict, out_dir: str) -> dict:
         json.dump(result, f, indent=1, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
     lines = [f"# Atoms units table — {result['model']}", "",
              f"{result.get('command', '')}", "",
-             "Eval split metrics (see docs/atoms.md for every definition). "
-             "R² = 1 − Σ‖x−x̂‖²/Σ‖x−x̄‖²; q* = v2 stability; uniq atoms = fraction of atoms with "
-             "μ_i < 1/(2K−1), K = median L0.", ""]
+             ("Eval split metrics (see docs/atoms.md for every definition). "
+              "R² = 1 − Σ‖x−x̂‖²/Σ‖x−x̄‖²; q* = v2 stability; uniq atoms = fraction of atoms "
+              "with μ_i < 1/(2K−1), K = median L0."), ""]
     hdr = "| layer | unit | " + " | ".join(c for _, c in COLS) + " |"
     lines += [hdr, "|" + "---|" * (len(COLS) + 2)]
     for L in layers:
@@ -337,7 +337,7 @@ def run_pipeline(cfg: AtomsConfig, out_dir: str, cache_dir: str | None = None,
                  log=print, command: str = "") -> dict:
     t0 = time.perf_counter()
     cache_dir = cache_dir or os.path.join(out_dir, "cache")
-    path, layers = cache(cfg, cache_dir)
+    _, layers = cache(cfg, cache_dir)
     t_cache = time.perf_counter() - t0
     log(f"cached {layers} of {cfg.model or EMBEDDED} in {t_cache:.1f}s → {cache_dir}")
     res = {"model": cfg.model or EMBEDDED, "command": command,

@@ -24,9 +24,8 @@ from sae import atoms as at
 
 def run_theory(*, H=64, N=128, K=3, n=8192, steps=3000, lams=(0.3, 1.0), lr=3e-3,
                batch_size=256, seed=0, train_euclid=True) -> dict:
-    from sae.model import encode
-
     from experiments.atoms.tied import train_tied
+    from sae.model import encode
 
     x, D, codes = at.planted_data(jax.random.key(seed), H=H, N=N, K=K, n=n,
                                   delta_range=(0.7, 1.0))
@@ -41,7 +40,7 @@ def run_theory(*, H=64, N=128, K=3, n=8192, steps=3000, lams=(0.3, 1.0), lr=3e-3
     t0 = time.perf_counter()
     xw = np.asarray(at.whiten(x, aip))
     tr = train_tied(xw, width=N, lams=lams, steps=steps, batch_size=batch_size, lr=lr, seed=seed)
-    enc = lambda p, z: encode(jax.tree.map(np.asarray, p), z)  # noqa: E731
+    enc = lambda p, z: encode(jax.tree.map(np.asarray, p), z)
     out["trained_tied_aip"] = []
     for lam, p in zip(lams, tr["params"]):
         u = at.sae_units(p, x, enc, aip=aip, whitened=True)

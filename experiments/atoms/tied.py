@@ -16,8 +16,6 @@ step. Returns params in the Gemma-Scope layout (whitened coordinates) usable wit
 """
 from __future__ import annotations
 
-from functools import partial
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -88,7 +86,7 @@ def train_tied(x_w, *, width: int, lams, steps: int = 1000, batch_size: int = 51
                 print(f"  tied step {t}: rec {np.asarray(rec).round(2)} l0 {np.asarray(l0).round(1)}")
     out = []
     for i in range(L):
-        p = jax.tree.map(lambda a: np.asarray(a[i]), params)
+        p = jax.tree.map(lambda a, i=i: np.asarray(a[i]), params)
         out.append({"W_enc": p["W"].T.copy(), "W_dec": p["W"], "b_enc": p["b_enc"],
                     "b_dec": p["b_dec"], "threshold": p["theta"]})
     return {"params": out, "history": hist, "lams": np.asarray(lams).tolist()}

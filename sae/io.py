@@ -15,8 +15,14 @@ import tempfile
 
 import numpy as np
 
-__all__ = ["save_gemmascope", "load_gemmascope", "save_saelens", "load_saelens",
-           "validate_params", "atomic_write_bytes"]
+__all__ = [
+    "atomic_write_bytes",
+    "load_gemmascope",
+    "load_saelens",
+    "save_gemmascope",
+    "save_saelens",
+    "validate_params",
+]
 
 KEYS = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")
 

@@ -8,17 +8,17 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
-    "l0",
-    "explained_variance",
-    "fvu",
-    "mse",
     "cosine",
-    "firing_density",
     "dead_latents",
     "dense_latents",
-    "log_density_histogram",
-    "shrinkage",
     "evaluate",
+    "explained_variance",
+    "firing_density",
+    "fvu",
+    "l0",
+    "log_density_histogram",
+    "mse",
+    "shrinkage",
 ]
 
 

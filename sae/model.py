@@ -20,7 +20,8 @@ Shapes: ``x`` is (..., d); codes ``f`` and pre-activations are (..., M).
 from __future__ import annotations
 
 import math
-from typing import Mapping, NamedTuple
+from collections.abc import Mapping
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -29,17 +30,17 @@ from flax import nnx
 Array = jax.Array
 
 __all__ = [
-    "rectangle",
-    "jumprelu",
-    "step",
-    "pre_activations",
-    "encode",
-    "decode",
-    "reconstruct",
-    "topk_codes",
     "JumpReLUSAE",
-    "TopKSAE",
     "LossParts",
+    "TopKSAE",
+    "decode",
+    "encode",
+    "jumprelu",
+    "pre_activations",
+    "reconstruct",
+    "rectangle",
+    "step",
+    "topk_codes",
 ]
 
 
@@ -215,7 +216,7 @@ def _check_positive_int(name, v):
 def _check_positive(name, v):
     try:
         fv = float(v)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise TypeError(f"{name} must be a real number, got {type(v).__name__} {v!r}") from e
     if not math.isfinite(fv) or fv <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {name}={v!r}")

@@ -34,7 +34,8 @@ import json
 import math
 import os
 import warnings
-from typing import Any, Iterable, Iterator, NamedTuple, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -42,26 +43,27 @@ import numpy as np
 import optax
 from flax import nnx
 
-from .model import JumpReLUSAE, TopKSAE, encode as _encode
+from .model import JumpReLUSAE, TopKSAE
+from .model import encode as _encode
 
 __all__ = [
-    "TrainConfig",
-    "HParams",
-    "TrainState",
-    "TrainResult",
-    "NonFiniteError",
-    "sweep",
-    "init_state",
-    "train_step",
-    "train_chunk",
-    "train",
     "ArraySource",
+    "HParams",
+    "NonFiniteError",
     "PlantedSource",
-    "planted_dictionary",
-    "make_mesh",
-    "make_chunk_fn",
+    "TrainConfig",
+    "TrainResult",
+    "TrainState",
     "estimate_scale",
     "fold_scale",
+    "init_state",
+    "make_chunk_fn",
+    "make_mesh",
+    "planted_dictionary",
+    "sweep",
+    "train",
+    "train_chunk",
+    "train_step",
 ]
 
 
@@ -185,12 +187,12 @@ class TrainConfig:
                 f"got checkpoint_every={self.checkpoint_every}")
 
     @classmethod
-    def gdm(cls, d_in: int, width: int, **kw) -> "TrainConfig":
+    def gdm(cls, d_in: int, width: int, **kw) -> TrainConfig:
         """GDM / Gemma Scope recipe: L0 penalty, ε=1e-3, θ0=1e-3, E‖x‖²=1 (jumprelu.md)."""
         return cls(d_in=d_in, width=width, recipe="gdm", **kw)
 
     @classmethod
-    def anthropic(cls, d_in: int, width: int, **kw) -> "TrainConfig":
+    def anthropic(cls, d_in: int, width: int, **kw) -> TrainConfig:
         """Anthropic (Jan 2025) recipe: tanh penalty c=4, pre-act loss 3e-6 on dead latents,
         ε=2, θ0=0.1, E‖x‖=√d, λ warmed over the run, lr decayed over the last 20%."""
         return cls(d_in=d_in, width=width, recipe="anthropic", **kw)
@@ -210,7 +212,7 @@ def _check_int(name, v, allow_zero=False):
 def _as_float(name, v):
     try:
         return float(v)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise TypeError(f"{name} must be a real number, got {type(v).__name__} {v!r}") from e
 
 
@@ -244,7 +246,7 @@ class HParams(NamedTuple):
     theta_init: Any
 
     @classmethod
-    def from_config(cls, config: TrainConfig) -> "HParams":
+    def from_config(cls, config: TrainConfig) -> HParams:
         return cls(*(jnp.asarray(getattr(config, n), jnp.float32)
                      for n in ("lam", "lr", "eps", "theta_init")))
 
@@ -648,7 +650,7 @@ _COMPILED: dict = {}
 def _chunk_fn(graphdef, config, stacked: bool):
     key = (graphdef, config, stacked)
     if key not in _COMPILED:
-        fn = lambda s, c, hp: train_chunk(graphdef, s, c, hp, config)  # noqa: E731
+        fn = lambda s, c, hp: train_chunk(graphdef, s, c, hp, config)
         if stacked:
             fn = jax.vmap(fn, in_axes=(0, None, 0))
         _COMPILED[key] = jax.jit(fn, donate_argnums=(0,))

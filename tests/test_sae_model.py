@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sae.model import (JumpReLUSAE, TopKSAE, decode, encode, jumprelu, reconstruct, step,
-                       topk_codes)
+from sae.model import JumpReLUSAE, TopKSAE, decode, encode, jumprelu, reconstruct, step, topk_codes
 
 # z around θ = 1 with ε = 0.1: (z − θ)/ε = [-5, 0, 0.4, -0.4, 10, 0.6]
 Z = jnp.array([0.5, 1.0, 1.04, 0.96, 2.0, 1.06])

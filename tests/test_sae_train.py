@@ -180,3 +180,16 @@ def test_bad_data_and_sweep():
         T.train(np.ones((10, D_IN), np.float32), cfg)
     with pytest.raises(TypeError, match="config"):
         T.train(np.ones((256, D_IN)), {"d_in": 16})
+
+
+def test_bf16_matmuls_and_progress_bar(capsys):
+    X = _data()
+    cfg = _cfg(total_steps=20, matmul_dtype="bfloat16", progress=True, log_every=10)
+    res = T.train(X, cfg)
+    f32 = T.train(X, _cfg(total_steps=20, log_every=10))
+    assert [h["step"] for h in res.history] == [10, 20]
+    assert np.isfinite(res.params["W_dec"]).all()
+    # bf16 operands change the numbers a little, not the training outcome
+    assert abs(res.history[-1]["ev"] - f32.history[-1]["ev"]) < 0.05
+    assert not np.array_equal(res.params["W_enc"], f32.params["W_enc"])
+    assert "tok" in capsys.readouterr().err

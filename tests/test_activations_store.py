@@ -212,3 +212,21 @@ def test_store_plugs_into_sae_training(cache_dir):
     res = sae.train(st.batches(), cfg)
     assert res.params["W_dec"].shape == (64, D)
     assert np.isfinite(res.params["W_dec"]).all()
+
+
+def test_recycled_buffers_never_overwrite_batches_still_held(cache_dir):
+    """Batch buffers are recycled once released; batches the caller keeps stay intact."""
+    ref = list(ActivationStore(cache_dir, layer=2, batch_size=32, seed=9, as_numpy=True,
+                               prefetch=0))
+    ref = [r.copy() for r in ref]
+    for as_numpy in (True, False):
+        st = ActivationStore(cache_dir, layer=2, batch_size=32, seed=9, as_numpy=as_numpy)
+        kept = {}
+        for i, x in enumerate(st):  # keep every third batch (or a view of it), drop the rest
+            if i % 3 == 0:
+                kept[i] = x if i % 2 else x[:5]
+            np.testing.assert_array_equal(np.asarray(x), ref[i])
+        # released buffers were reused: allocations ~ batches still held, not batches made
+        assert st._pool.n_allocated <= len(kept) + 8 < len(ref)
+        for i, x in kept.items():
+            np.testing.assert_array_equal(np.asarray(x), ref[i][: len(x)])

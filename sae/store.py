@@ -277,8 +277,10 @@ class _BufferPool:
             else:
                 raw = np.empty(nbytes + 64, np.uint8)
                 self.n_allocated += 1
-                # forget buffers the caller still holds (they are its memory now)
-                self._bufs = [b for b in self._bufs if sys.getrefcount(b) <= 3][: self.max_free - 1]
+                if len(self._bufs) >= self.max_free:
+                    # every pooled buffer is held (or too small): forget the oldest, the
+                    # caller keeps it as its own memory
+                    self._bufs.pop(0)
                 self._bufs.append(raw)
         off = (-raw.ctypes.data) % 64
         return raw[off:off + nbytes].view(dtype).reshape(shape)

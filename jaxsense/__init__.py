@@ -35,3 +35,6 @@ from jaxsense.sparse import atom_coherence, basis_pursuit, mutual_coherence, omp
 
 __all__ += ["sparse", "atom_coherence", "basis_pursuit", "mutual_coherence", "omp",
             "rip_constant"]
+from jaxsense import asymmetric
+
+__all__ += ["asymmetric"]

@@ -827,7 +827,6 @@ def train(data, config: TrainConfig, *, sweep: tuple[HParams, Any] | None = None
         warnings.warn("data ended before training started", stacklevel=2)
     try:
         while chunk is not None and step < total:
-            prev = state
             state, metrics, finite = step_fn(state, chunk, hp)
             nxt_step = step + k
             chunk = next_chunk(nxt_step) if nxt_step < total else None  # overlaps compute
@@ -839,7 +838,8 @@ def train(data, config: TrainConfig, *, sweep: tuple[HParams, Any] | None = None
             if not bf.all():
                 s_bad = step + int(np.argwhere(~bf)[0][0])
                 raise ValueError(f"batch at step {s_bad} contains NaN/Inf; expected finite "
-                                 f"activations (training stopped; state of step {step} kept)")
+                                 f"activations (training stopped; the last checkpoint, if any, "
+                                 f"is untouched)")
             loss = np.asarray(metrics["loss"]).reshape(k, -1)
             if not np.isfinite(loss).all() or not finite.all():
                 if not np.isfinite(loss).all():
@@ -849,11 +849,9 @@ def train(data, config: TrainConfig, *, sweep: tuple[HParams, Any] | None = None
                     i = int(np.argwhere(~finite.reshape(-1))[0][0])
                     what, s_bad = "parameters", nxt_step
                 idx = f"SAE index {int(i)} of the sweep" if stacked else "SAE index 0"
-                del prev
                 raise NonFiniteError(
                     f"non-finite {what} at step {s_bad} ({idx}); training stopped, the last "
                     f"good checkpoint (if any) is untouched. Lower lr or check the data.")
-            del prev
             for j in range(k):
                 s = step + j + 1
                 if s % config.log_every == 0 or s == total:

@@ -11,7 +11,8 @@ of 2·B·d·M, the convention of the issue). Timings exclude compilation and dat
 batches are already on the device; each number is the best of a few timed calls (the CPU
 here is shared, so means are noisy). The JAX step is the jitted ``lax.scan`` of
 ``sae.train.train_step`` that ``sae.train`` runs. The sweep's "sequential" time is 8× the
-single-SAE step time measured in the same process (8 sequential runs of the same step).
+single-SAE step time, measured interleaved with the sweep's calls in the same process (8
+sequential runs of the same step).
 
 The PyTorch step is written here: the same loss (GDM L0 on pre-activations, JumpReLU and step
 as autograd Functions with rectangle-kernel pseudo-derivatives), global-norm clip 1.0,
@@ -48,20 +49,38 @@ def _jax_setup(d, M, B, k, matmul_dtype, n_sae=None):
 
 
 def time_jax(d, M, B, k, calls, matmul_dtype=None, n_sae=None):
-    """Seconds per step: the best of ``calls`` timed calls (after one warm-up call that
-    compiles). Best-of, not mean, because this CPU is shared and timings are noisy."""
+    """Seconds per step of a single SAE (or of a sweep of ``n_sae``): the best of ``calls``
+    timed calls after one warm-up call that compiles."""
+    return _time_interleaved({"x": (_jax_setup(d, M, B, k, matmul_dtype, n_sae), calls)},
+                             k)["x"]
+
+
+def time_jax_pair(d, M, B, k, calls, matmul_dtype=None, n_sae=8, sweep_calls=1):
+    """(single s/step, sweep-of-n_sae s/step), timed interleaved so that both see the same
+    machine load; each the best of its timed calls (best-of, not mean: this CPU is shared)."""
+    out = _time_interleaved({"single": (_jax_setup(d, M, B, k, matmul_dtype), calls),
+                             "sweep": (_jax_setup(d, M, B, k, matmul_dtype, n_sae),
+                                       sweep_calls)}, k)
+    return out["single"], out["sweep"]
+
+
+def _time_interleaved(runs, k):
     import jax
 
-    fn, state, chunk, hp = _jax_setup(d, M, B, k, matmul_dtype, n_sae)
-    state, m, _ = fn(state, chunk, hp)
-    jax.block_until_ready(state)
-    best = float("inf")
-    for _ in range(calls):
-        t0 = time.perf_counter()
-        state, m, _ = fn(state, chunk, hp)
-        jax.block_until_ready(state)
-        best = min(best, time.perf_counter() - t0)
-    return best / k
+    states, best = {}, {}
+    for name, ((fn, state, chunk, hp), _) in runs.items():  # warm-up: compile
+        state, _, _ = fn(state, chunk, hp)
+        states[name] = jax.block_until_ready(state)
+        best[name] = float("inf")
+    for r in range(max(n for _, n in runs.values())):
+        for name, ((fn, _, chunk, hp), n_calls) in runs.items():
+            if r >= n_calls:
+                continue
+            t0 = time.perf_counter()
+            state, _, _ = fn(states[name], chunk, hp)
+            states[name] = jax.block_until_ready(state)
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return {name: b / k for name, b in best.items()}
 
 
 def time_torch(d, M, B, steps):
@@ -167,13 +186,15 @@ def main(argv=None):
     B = a.batch
     mm = "bfloat16" if on_gpu else None
     k = a.k or (8 if on_gpu else 2)
-    calls = (2 if a.quick else 5) if not on_gpu else (5 if a.quick else 20)
+    calls = (2 if a.quick else 3) if not on_gpu else (5 if a.quick else 20)
     flops = 12 * B * d * M
     dev = jax.devices()[0]
     print(f"device: {dev.platform} {getattr(dev, 'device_kind', '')} | d={d} M={M} B={B} "
           f"matmul={mm or 'float32'} | steps/call={k}", flush=True)
 
-    t_jax = time_jax(d, M, B, k, calls, mm)
+    n = a.n_sae
+    sw_calls = calls  # same number of timed calls: best-of-n is biased by n otherwise
+    t_jax, t_sweep = time_jax_pair(d, M, B, k, calls, mm, n_sae=n, sweep_calls=sw_calls)
     tok_s = B / t_jax
     print(f"jax single   : {t_jax * 1e3:9.1f} ms/step  {tok_s:12,.0f} tok/s  "
           f"{flops / t_jax / 1e12:7.3f} TFLOP/s", flush=True)
@@ -189,9 +210,6 @@ def main(argv=None):
         print(f"torch single : {t_torch * 1e3:9.1f} ms/step  {B / t_torch:12,.0f} tok/s  "
               f"{flops / t_torch / 1e12:7.3f} TFLOP/s", flush=True)
 
-    n = a.n_sae
-    sw_calls = 1 if a.quick else (2 if not on_gpu else 5)
-    t_sweep = time_jax(d, M, B, k, sw_calls, mm, n_sae=n)
     ratio = n * t_jax / t_sweep
     print(f"jax sweep x{n}: {t_sweep * 1e3:9.1f} ms/step  {n * B / t_sweep:12,.0f} SAE·tok/s  "
           f"(8 sequential: {n * t_jax * 1e3:.1f} ms/step)", flush=True)

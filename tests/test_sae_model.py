@@ -109,3 +109,33 @@ def test_model_bad_input(kw, msg):
         JumpReLUSAE(rngs=nnx.Rngs(0), **kw)
     with pytest.raises(TypeError, match="width"):
         JumpReLUSAE(4, 2.5, rngs=nnx.Rngs(0))
+
+
+def test_loss_terms_match_formulas():
+    m = JumpReLUSAE(6, 10, rngs=nnx.Rngs(0), theta_init=0.05)
+    m.b_enc[...] = jnp.linspace(-0.2, 0.2, 10)
+    m.W_dec[...] = m.W_dec[...] * jnp.linspace(0.5, 2.0, 10)[:, None]  # non-unit rows
+    x = np.asarray(jax.random.normal(jax.random.key(4), (16, 6))) * 0.5
+    p = {k: np.asarray(v) for k, v in m.params().items()}
+    pi = (x - p["b_dec"]) @ p["W_enc"] + p["b_enc"]
+    act = pi > p["threshold"]
+    f = pi * act
+    xh = f @ p["W_dec"] + p["b_dec"]
+    mse = np.mean(np.sum((x - xh) ** 2, axis=1))
+    lam = 0.3
+    gdm = m.loss(jnp.asarray(x), lam=lam, eps=0.01, sparsity="l0")
+    np.testing.assert_allclose(gdm.mse, mse, rtol=1e-5)
+    np.testing.assert_allclose(gdm.sparsity, lam * np.mean(act.sum(1)), rtol=1e-6)
+    np.testing.assert_allclose(gdm.loss, mse + lam * np.mean(act.sum(1)), rtol=1e-5)
+    np.testing.assert_array_equal(gdm.fired, act.sum(0))
+    dn = np.linalg.norm(p["W_dec"], axis=1)
+    mask = (np.arange(10) % 2).astype(np.float32)  # "dead" latents
+    anth = m.loss(jnp.asarray(x), lam=lam, eps=2.0, sparsity="tanh", tanh_c=4.0,
+                  preact_coef=3e-2, preact_mask=jnp.asarray(mask))
+    tanh = lam * np.mean(np.sum(np.tanh(4.0 * np.abs(f) * dn), axis=1))
+    pre = 3e-2 * np.mean(np.sum(np.maximum(p["threshold"] - pi, 0) * dn * mask, axis=1))
+    np.testing.assert_allclose(anth.sparsity, tanh, rtol=1e-5)
+    np.testing.assert_allclose(anth.preact, pre, rtol=1e-5)
+    assert pre > 0
+    ev = 1 - np.sum((x - xh) ** 2) / np.sum((x - x.mean(0)) ** 2)
+    np.testing.assert_allclose(1 - gdm.sse / gdm.sst, ev, rtol=1e-5)

@@ -193,3 +193,19 @@ def test_bf16_matmuls_and_progress_bar(capsys):
     assert abs(res.history[-1]["ev"] - f32.history[-1]["ev"]) < 0.05
     assert not np.array_equal(res.params["W_enc"], f32.params["W_enc"])
     assert "tok" in capsys.readouterr().err
+
+
+def test_jax_array_iterator_matches_numpy_and_nan_detected_in_jit():
+    import jax.numpy as jnp
+
+    X = _data()
+    batches = [X[i * B:(i + 1) * B] for i in range(10)]
+    cfg = _cfg(total_steps=10, steps_per_call=5)
+    a = T.train(iter(batches), cfg)
+    b = T.train(iter([jnp.asarray(x) for x in batches]), cfg)
+    for k in a.params:
+        np.testing.assert_allclose(a.params[k], b.params[k], rtol=1e-6, atol=1e-7)
+    bad = [jnp.asarray(x) for x in batches]
+    bad[7] = bad[7].at[0, 0].set(jnp.inf)
+    with pytest.raises(ValueError, match=r"step 7 .*NaN/Inf"):
+        T.train(iter(bad), cfg)

@@ -24,7 +24,8 @@ planted_data, threshold_interval, theory_check — the threshold-SAE identifiabi
 """
 from __future__ import annotations
 
-from typing import Iterable, NamedTuple
+from collections.abc import Iterable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -33,36 +34,36 @@ import numpy as np
 from jaxsense import sparse as sp
 
 __all__ = [
-    "SecondMoment",
-    "MomentAccumulator",
-    "second_moment",
-    "store_second_moment",
     "AIP",
-    "aip_from_moment",
-    "whiten",
-    "dictionary_from_decoder",
+    "MomentAccumulator",
+    "SecondMoment",
     "aip_cosine",
-    "pairwise_angles",
+    "aip_from_moment",
     "angle_histogram",
     "angle_summary",
-    "representation_shift",
-    "l0_per_sample",
+    "dictionary_from_decoder",
     "k_from_l0",
-    "uniqueness_per_atom",
-    "q_star",
-    "uniqueness_per_sample",
-    "r2",
-    "rip_estimate",
+    "l0_per_sample",
     "l1_recoverability",
-    "unit_metrics",
+    "match_atoms",
     "neuron_units",
-    "sae_units",
+    "pairwise_angles",
     "planted_data",
+    "planted_support_recovery",
+    "q_star",
+    "r2",
+    "representation_shift",
+    "rip_estimate",
+    "sae_units",
+    "second_moment",
+    "store_second_moment",
+    "theory_check",
     "threshold_interval",
     "tsae_construction",
-    "theory_check",
-    "match_atoms",
-    "planted_support_recovery",
+    "uniqueness_per_atom",
+    "uniqueness_per_sample",
+    "unit_metrics",
+    "whiten",
 ]
 
 
@@ -97,7 +98,7 @@ class MomentAccumulator:
         self._s1 = None
         self._s2 = None
 
-    def update(self, x) -> "MomentAccumulator":
+    def update(self, x) -> MomentAccumulator:
         x = np.asarray(x)
         if x.ndim != 2:
             raise ValueError(f"x must have shape (B, H); got shape {x.shape}")
@@ -179,8 +180,9 @@ class AIP(NamedTuple):
 
     S: S̃ = (E[xxᵀ] + r·I)⁻¹ (H, H); S_half: S̃^{1/2} (symmetric square root, the whitening
     map x ↦ S̃^{1/2} x); S_inv_half: S̃^{-1/2} (maps whitened atoms back); eigvals: the
-    eigenvalues of E[xxᵀ] + r·I (ascending); cond: their max/min ratio; ridge: r (absolute).
-    All float64 numpy."""
+    eigvals: the eigenvalues of E[xxᵀ] + r·I (ascending); cond: max/min ratio of the KEPT
+    eigenvalues; ridge: r (absolute); rank: number of kept eigenvalues (H unless
+    ``singular="pinv"`` dropped some). All float64 numpy."""
 
     S: np.ndarray
     S_half: np.ndarray
@@ -188,16 +190,21 @@ class AIP(NamedTuple):
     eigvals: np.ndarray
     cond: float
     ridge: float
+    rank: int = -1
 
 
 def aip_from_moment(m2, *, ridge: float = 0.0, ridge_relative: bool = True,
-                    max_cond: float = 1e12) -> AIP:
+                    max_cond: float = 1e12, singular: str = "raise",
+                    pinv_rtol: float = 1e-10) -> AIP:
     """S̃ = (E[x xᵀ])⁻¹ (atoms.md §AIP), via a float64 eigendecomposition.
 
     ``ridge`` (default 0 = the paper's plain inverse): adds r·I before inverting; with
     ``ridge_relative`` r = ridge · tr(E[xxᵀ])/H (scale-free; RECONSTRUCTED choice).
     Raises ValueError when the (ridged) moment is singular — min eigenvalue ≤ 0 or condition
-    number > ``max_cond`` — naming the value and suggesting ridge > 0.
+    number > ``max_cond`` — naming the value and suggesting ridge > 0 — unless
+    ``singular="pinv"``: then eigenvalues ≤ ``pinv_rtol``·λ_max are dropped and S̃ is the
+    Moore–Penrose pseudo-inverse (the AIP on the data's span; components outside it get
+    norm 0). Real case: MiniLM's last layer has rank 381 of 384 (measured).
     Pass a :class:`SecondMoment` or a (H, H) array."""
     if isinstance(m2, SecondMoment):
         m2 = m2.m2
@@ -210,12 +217,20 @@ def aip_from_moment(m2, *, ridge: float = 0.0, ridge_relative: bool = True,
         raise ValueError("m2 contains NaN/Inf; expected a finite second moment")
     if ridge < 0:
         raise ValueError(f"ridge must be >= 0; got {ridge}")
+    if singular not in ("raise", "pinv"):
+        raise ValueError(f"singular must be 'raise' or 'pinv'; got {singular!r}")
     H = m2.shape[0]
     r = float(ridge) * (np.trace(m2) / H if ridge_relative else 1.0)
     m = 0.5 * (m2 + m2.T) + r * np.eye(H)
     ev, V = np.linalg.eigh(m)
     lo, hi = ev[0], ev[-1]
     cond = float(hi / lo) if lo > 0 else float("inf")
+    if singular == "pinv":
+        keep = ev > pinv_rtol * max(hi, 1e-300)
+        Vk, ek = V[:, keep], ev[keep]
+        S = (Vk / ek) @ Vk.T
+        return AIP(S, (Vk / np.sqrt(ek)) @ Vk.T, (Vk * np.sqrt(ek)) @ Vk.T, ev,
+                   float(ek[-1] / ek[0]), r, int(keep.sum()))
     if lo <= 0 or cond > max_cond:
         raise ValueError(
             f"m2 (second moment, H={H}) is singular or ill-conditioned: min eigenvalue {lo:.3e}, "
@@ -224,7 +239,7 @@ def aip_from_moment(m2, *, ridge: float = 0.0, ridge_relative: bool = True,
     S = (V / ev) @ V.T
     S_half = (V / np.sqrt(ev)) @ V.T
     S_inv_half = (V * np.sqrt(ev)) @ V.T
-    return AIP(S, S_half, S_inv_half, ev, cond, r)
+    return AIP(S, S_half, S_inv_half, ev, cond, r, H)
 
 
 def whiten(x, aip: AIP):
@@ -297,6 +312,9 @@ def representation_shift(x, aip: AIP, *, key, n_pairs: int = 10000, W_dec_euclid
     - ``gaussian_matched``: N(0, E[xxᵀ]) vectors — same second moment as the data; under the
       AIP they re-centre at 90° BY CONSTRUCTION (whitening makes their covariance I), so
       the data's re-centring is only informative beyond this control;
+    - ``gaussian_mean_cov``: N(x̄, Cov(x)) vectors (x̄, Cov from ``x``) — same mean AND
+      covariance as the data, so it reproduces the Euclidean concentration from the shared
+      mean; what the AIP does to it is what the AIP does to "any cloud with these moments";
     - ``euclid_sae_atoms``: decoder rows of a Euclidean-trained SAE (if given).
     Returns {name: {"euclid": summary, "aip": summary, "hist_euclid", "hist_aip", "edges"}}.
     """
@@ -307,16 +325,24 @@ def representation_shift(x, aip: AIP, *, key, n_pairs: int = 10000, W_dec_euclid
     g_iso = jax.random.normal(ks[0], (B, H))
     # N(0, M2) = S̃^{-1/2} z, z ~ N(0, I)  (S̃^{-1/2} is symmetric)
     g_matched = jax.random.normal(ks[1], (B, H)) @ jnp.asarray(aip.S_inv_half, jnp.float32)
-    sets = {"activations": jnp.asarray(x), "gaussian_iso": g_iso, "gaussian_matched": g_matched}
+    xd = x.astype(np.float64)
+    mu = xd.mean(0)
+    ev, V = np.linalg.eigh(np.cov(xd, rowvar=False) if B > 1 else np.eye(H))
+    C_half = (V * np.sqrt(np.maximum(ev, 0.0))) @ V.T
+    g_mc = jnp.asarray(mu, jnp.float32) + jax.random.normal(ks[7], (B, H)) @ jnp.asarray(
+        C_half, jnp.float32)
+    sets = {"activations": jnp.asarray(x), "gaussian_iso": g_iso, "gaussian_matched": g_matched,
+            "gaussian_mean_cov": g_mc}
     if W_dec_euclid is not None:
         W = jnp.asarray(W_dec_euclid, jnp.float32)
         if W.shape[-1] != H:
             raise ValueError(f"W_dec_euclid has width {W.shape[-1]}, expected H = {H}")
         sets["euclid_sae_atoms"] = W
     out = {}
+    kp = jax.random.split(ks[2], len(sets))
     for t, (name, X) in enumerate(sets.items()):
-        ae = pairwise_angles(X, None, key=ks[2 + t], n_pairs=n_pairs)
-        aa = pairwise_angles(X, S, key=ks[2 + t], n_pairs=n_pairs)
+        ae = pairwise_angles(X, None, key=kp[t], n_pairs=n_pairs)
+        aa = pairwise_angles(X, S, key=kp[t], n_pairs=n_pairs)
         he, edges = angle_histogram(ae, bins)
         ha, _ = angle_histogram(aa, bins)
         out[name] = {"euclid": angle_summary(ae), "aip": angle_summary(aa),

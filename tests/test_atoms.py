@@ -58,6 +58,9 @@ def test_ridge_and_singular_moment():
     np.testing.assert_allclose(aip.ridge, 0.25)
     np.testing.assert_allclose(aip.S, np.diag([1 / 1.25, 1 / 0.25]))
     np.testing.assert_allclose(aip.cond, 5.0)
+    p = at.aip_from_moment(m2, singular="pinv")  # pseudo-inverse on the data's span
+    np.testing.assert_allclose(p.S, np.diag([1.0, 0.0]))
+    assert p.rank == 1 and p.cond == 1.0
     with pytest.raises(ValueError, match="ridge must be >= 0"):
         at.aip_from_moment(np.eye(2), ridge=-1.0)
 
@@ -149,7 +152,9 @@ def test_representation_shift_controls():
     assert abs(rs["activations"]["aip"]["mean"] - 90) < 15  # re-centred ...
     assert abs(rs["gaussian_matched"]["aip"]["mean"] - 90) < 3  # ... as the control is
     assert abs(rs["gaussian_iso"]["euclid"]["mean"] - 90) < 3
-    assert set(rs) == {"activations", "gaussian_iso", "gaussian_matched", "euclid_sae_atoms"}
+    assert abs(rs["gaussian_mean_cov"]["euclid"]["mean"] - rs["activations"]["euclid"]["mean"]) < 5
+    assert set(rs) == {"activations", "gaussian_iso", "gaussian_matched", "gaussian_mean_cov",
+                       "euclid_sae_atoms"}
     assert len(rs["activations"]["hist_aip"]) == 90
 
 

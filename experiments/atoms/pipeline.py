@@ -54,6 +54,7 @@ class AtomsConfig:
     tied_lr: float = 1e-3
     eval_frac: float = 0.2
     ridge: float = 0.0
+    pinv_fallback: bool = True  # singular moment with ridge=0 → pseudo-inverse (logged)
     select_r2: float = 0.9
     k_quantile: float = 0.5
     n_pairs: int = 20_000
@@ -136,8 +137,11 @@ def _quick(x, u):
     return {"r2": at.r2(x, u["x_hat"]), "l0_mean": float((u["codes"] != 0).sum(1).mean())}
 
 
-def analyze_layer(x: np.ndarray, cfg: AtomsConfig, layer: int, log=print) -> dict:
-    """Train all unit variants on one layer's activations and compute the table rows."""
+def analyze_layer(x: np.ndarray, cfg: AtomsConfig, layer: int, log=print,
+                  save_dir: str | None = None) -> dict:
+    """Train all unit variants on one layer's activations and compute the table rows.
+    With ``save_dir``: the selected unit of each variant is saved as
+    ``units_layer{L}.npz`` (D_<variant> (H,N), b_dec_<variant>, and the AIP's S)."""
     from sae.model import encode
 
     n = x.shape[0]
@@ -148,9 +152,17 @@ def analyze_layer(x: np.ndarray, cfg: AtomsConfig, layer: int, log=print) -> dic
     key = jax.random.key(cfg.seed + 1000 * layer)
     t0 = time.perf_counter()
     mom = at.second_moment(x_train)
-    aip = at.aip_from_moment(mom, ridge=cfg.ridge)
+    try:
+        aip = at.aip_from_moment(mom, ridge=cfg.ridge)
+    except ValueError as e:  # rank-deficient layer (e.g. MiniLM's last): pseudo-inverse
+        if cfg.ridge > 0 or not cfg.pinv_fallback:
+            raise
+        aip = at.aip_from_moment(mom, singular="pinv")
+        log(f"[layer {layer}] singular second moment ({str(e)[:60]}…): pseudo-inverse, "
+            f"rank {aip.rank}/{x.shape[1]}")
     out = {"layer": layer, "H": H, "width": width, "n_train": int(x_train.shape[0]),
            "n_eval": int(x_eval.shape[0]), "aip_cond": aip.cond, "aip_ridge": aip.ridge,
+           "aip_rank": aip.rank,
            "sweeps": {}, "rows": {}}
     log(f"[layer {layer}] n_train={x_train.shape[0]} n_eval={x_eval.shape[0]} "
         f"cond(E[xx^T])={aip.cond:.3g}")
@@ -210,6 +222,14 @@ def analyze_layer(x: np.ndarray, cfg: AtomsConfig, layer: int, log=print) -> dic
                                             apply_b_dec_to_input=False))
 
     t_train = time.perf_counter() - t0
+    if save_dir is not None:
+        os.makedirs(save_dir, exist_ok=True)
+        arrs = {"S": aip.S.astype(np.float32), "mean": mom.mean.astype(np.float32)}
+        for name, u in units.items():
+            if name != "neurons":
+                arrs["D_" + name] = np.asarray(u["D"], np.float32)
+                arrs["b_dec_" + name] = np.asarray(u["b_dec"], np.float32)
+        np.savez(os.path.join(save_dir, f"units_layer{layer}.npz"), **arrs)
     ks = jax.random.split(key, len(units) + 1)
     for (name, u), k in zip(units.items(), ks[1:]):
         out["rows"][name] = at.unit_metrics(
@@ -274,12 +294,14 @@ def write_outputs(result: dict, out_dir: str) -> dict:
     for name, r in result["average"].items():
         lines.append(f"| avg | {name} | " + " | ".join(_fmt(r.get(k)) for k, _ in COLS) + " |")
     lines += ["", "## Representation shift (mean pairwise angle, degrees: Euclidean → AIP)", "",
-              "| layer | activations | gaussian N(0,I) | gaussian N(0,E[xxᵀ]) | Euclidean-SAE atoms |",
-              "|---|---|---|---|---|"]
+              "| layer | activations | gaussian N(0,I) | gaussian N(0,E[xxᵀ]) | gaussian N(x̄,Cov) "
+              "| Euclidean-SAE atoms |",
+              "|---|---|---|---|---|---|"]
     for L in layers:
         rs = L["representation_shift"]
         cell = [f"{rs[k]['euclid']['mean']:.1f} → {rs[k]['aip']['mean']:.1f}" if k in rs else "—"
-                for k in ("activations", "gaussian_iso", "gaussian_matched", "euclid_sae_atoms")]
+                for k in ("activations", "gaussian_iso", "gaussian_matched", "gaussian_mean_cov",
+                          "euclid_sae_atoms")]
         lines.append(f"| {L['layer']} | " + " | ".join(cell) + " |")
     lines += ["", "## λ sweeps (eval R², L0; * = selected)", ""]
     for L in layers:
@@ -306,6 +328,7 @@ def _plots(result, out: Path):
         for i, geo in enumerate(("euclid", "aip")):
             ax = axes[i, j]
             for name, style in (("activations", "-"), ("gaussian_matched", ":"),
+                                ("gaussian_mean_cov", (0, (1, 3))),
                                 ("gaussian_iso", "--"), ("euclid_sae_atoms", "-.")):
                 if name in rs:
                     e = np.asarray(rs[name]["edges"])
@@ -345,7 +368,20 @@ def run_pipeline(cfg: AtomsConfig, out_dir: str, cache_dir: str | None = None,
            "seconds_cache": t_cache, "layers": []}
     for layer in layers:
         x = layer_data(cache_dir, layer, cfg.max_tokens)
-        res["layers"].append(analyze_layer(x, cfg, layer, log=log))
+        res["layers"].append(analyze_layer(x, cfg, layer, log=log, save_dir=out_dir))
         res["seconds_total"] = time.perf_counter() - t0
         write_outputs(res, out_dir)  # after every layer: partial results survive a stop
     return res
+
+
+def merge_results(table_jsons: list[str], out_dir: str) -> dict:
+    """Merge the table.json of several runs (e.g. layers run in separate processes) into one
+    table (layers sorted; the first run's header fields are kept)."""
+    runs = [json.load(open(p)) for p in table_jsons]
+    if not runs:
+        raise ValueError("table_jsons is empty; expected at least one table.json path")
+    res = dict(runs[0])
+    res["layers"] = sorted((L for r in runs for L in r["layers"]), key=lambda L: L["layer"])
+    res["command"] = " + ".join(r.get("command", "") for r in runs)
+    res["seconds_total"] = sum(r.get("seconds_total", 0.0) for r in runs)
+    return write_outputs(res, out_dir)

@@ -27,22 +27,22 @@ import jax
 import jax.numpy as jnp
 
 __all__ = [
-    "normalized_gram",
-    "normalize_atoms",
-    "mutual_coherence",
-    "atom_coherence",
-    "support_from_codes",
-    "support_coherence",
-    "support_atom_coherence",
-    "coherence_bound_K",
+    "BPResult",
     "RIPEstimate",
+    "atom_coherence",
+    "basis_pursuit",
+    "coherence_bound_K",
+    "lasso_fista",
+    "mutual_coherence",
+    "normalize_atoms",
+    "normalized_gram",
+    "omp",
     "rip_constant",
     "rip_gershgorin_bound",
-    "BPResult",
-    "basis_pursuit",
-    "lasso_fista",
-    "omp",
     "support_agreement",
+    "support_atom_coherence",
+    "support_coherence",
+    "support_from_codes",
 ]
 
 

@@ -335,7 +335,7 @@ def lasso_fista(D, Y, lam: float, *, n_iter: int = 500, nonneg: bool = False):
 
 @partial(jax.jit, static_argnames=("K",))
 def _omp(D, Y, K):
-    H, N = D.shape
+    N = D.shape[1]
     ar = jnp.arange(K)
 
     def one(y):
@@ -354,7 +354,7 @@ def _omp(D, Y, K):
             return idx, chosen, r
 
         idx0 = jnp.zeros((K,), jnp.int32)
-        idx, chosen, r = jax.lax.fori_loop(
+        idx, _, _ = jax.lax.fori_loop(
             0, K, body, (idx0, jnp.zeros((N,), bool), y))
         A = D[:, idx]
         c_ = jnp.linalg.solve(A.T @ A + 1e-12 * jnp.eye(K, dtype=D.dtype), A.T @ y)

@@ -464,7 +464,7 @@ def rip_estimate(D, S, K: int, *, key, n_supports: int = 1024, mu: float | None 
     """Sampled δ_K (lower bound; :func:`jaxsense.sparse.rip_constant`) of the S̃-normalised
     dictionary and the Gershgorin upper bound (K−1)μ. K is rounded to an integer ≥ 1."""
     D = jnp.asarray(D)
-    Ki = int(max(1, min(round(K), D.shape[1])))
+    Ki = int(max(1, min(round(float(K)), D.shape[1])))
     Sj = None if S is None else jnp.asarray(S, D.dtype)
     est = sp.rip_constant(D, Ki, key, n_supports, Sj)
     if mu is None:
@@ -570,7 +570,7 @@ def unit_metrics(x, units: dict, aip: AIP, *, key, k_quantile: float | str = 0.5
             f"mismatch); expected D of shape ({x.shape[1]}, N)")
     _check_codes(D, codes)
     S32 = jnp.asarray(aip.S, jnp.float32)
-    k1, k2 = jax.random.split(key)
+    k1, _ = jax.random.split(key)
     mu = np.asarray(sp.atom_coherence(D, S32, block=coherence_block))
     l0 = np.asarray(l0_per_sample(codes))
     uq = uniqueness_per_atom(mu, l0, k_quantile=k_quantile)

@@ -762,6 +762,11 @@ def train(data, config: TrainConfig, *, sweep: tuple[HParams, Any] | None = None
             if meta["config"] != json.loads(json.dumps(config.to_dict())):
                 raise ValueError(f"checkpoint in {checkpoint_dir} was written with another "
                                  f"config: {meta['config']}")
+            now = _meta(config, 0, 0.0, n_sae, hp, seeds)
+            for key in ("n_sae", "hparams", "seeds"):
+                if meta[key] != now[key]:
+                    raise ValueError(f"checkpoint in {checkpoint_dir} has {key}={meta[key]}, "
+                                     f"this run has {key}={now[key]}")
             scale, start = meta["scale"], meta["step"]
             if hasattr(source, "skip"):
                 source.skip(start)
@@ -791,6 +796,10 @@ def train(data, config: TrainConfig, *, sweep: tuple[HParams, Any] | None = None
         if config.batch_size % nd:
             raise ValueError(f"batch_size={config.batch_size} must be divisible by the mesh's "
                              f"'data' axis size {nd}")
+        ns = mesh.shape.get("sweep", 1)
+        if ns > 1 and (not stacked or n_sae % ns):
+            raise ValueError(f"the mesh's 'sweep' axis has size {ns}: it needs a sweep whose "
+                             f"size is a multiple of it, got n_sae={n_sae}")
         data_sh = jax.sharding.NamedSharding(mesh, P(None, "data", None))
         spec = P("sweep") if (stacked and "sweep" in mesh.axis_names) else P()
         state = jax.device_put(state, jax.sharding.NamedSharding(mesh, spec))

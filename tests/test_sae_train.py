@@ -71,6 +71,9 @@ def test_checkpoint_resume_equals_uninterrupted(tmp_path):
     ck = str(tmp_path / "ck")
     part = T.train(X, cfg, checkpoint_dir=ck, max_steps=40)  # "interrupted" after 40 steps
     assert part.history[-1]["step"] == 40
+    with pytest.raises(ValueError, match="hparams"):  # another λ cannot resume this run
+        T.train(X, cfg, checkpoint_dir=ck, hparams=T.HParams.from_config(cfg)._replace(
+            lam=np.float32(0.5)))
     resumed = T.train(X, cfg, checkpoint_dir=ck)
     for k in full.params:
         np.testing.assert_array_equal(full.params[k], resumed.params[k], err_msg=k)
@@ -178,6 +181,9 @@ def test_bad_data_and_sweep():
         sae.sweep(cfg, eps=[0.0, 1.0])
     with pytest.raises(ValueError, match="fewer than batch_size"):
         T.train(np.ones((10, D_IN), np.float32), cfg)
+    with pytest.raises(ValueError, match="n_sae=3"):
+        T.train(np.ones((256, D_IN), np.float32), cfg, sweep=sae.sweep(cfg, lam=[0, 1, 2.0]),
+                mesh=T.make_mesh(n_data=4, n_sweep=2))
     with pytest.raises(TypeError, match="config"):
         T.train(np.ones((256, D_IN)), {"d_in": 16})
 

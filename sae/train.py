@@ -308,10 +308,35 @@ def _make_model(config: TrainConfig, key, theta_init):
     return m
 
 
+class ScaleByAdamB1ZeroState(NamedTuple):
+    count: Any
+    nu: Any
+
+
+def scale_by_adam_b1_zero(b2: float = 0.999, eps: float = 1e-8) -> optax.GradientTransformation:
+    """Adam's direction with β1 = 0, without the first-moment buffer: identical to
+    ``optax.scale_by_adam(b1=0, b2, eps)`` (μ̂_t = g_t) but one fewer (M, d)-sized state
+    array to read and write per step (the GDM recipe's optimiser)."""
+
+    def init(params):
+        return ScaleByAdamB1ZeroState(jnp.zeros((), jnp.int32),
+                                      jax.tree.map(jnp.zeros_like, params))
+
+    def update(updates, state, params=None):
+        count = state.count + 1
+        nu = jax.tree.map(lambda n, g: b2 * n + (1 - b2) * g * g, state.nu, updates)
+        corr = 1 - b2 ** count.astype(jnp.float32)
+        out = jax.tree.map(lambda g, n: g / (jnp.sqrt(n / corr) + eps), updates, nu)
+        return out, ScaleByAdamB1ZeroState(count, nu)
+
+    return optax.GradientTransformation(init, update)
+
+
 def _optimizer(config: TrainConfig) -> optax.GradientTransformation:
     """Global-norm clip then Adam(β1, β2, eps) direction; the lr is applied by the step."""
-    return optax.chain(optax.clip_by_global_norm(config.clip_norm),
-                       optax.scale_by_adam(b1=config.b1, b2=config.b2, eps=config.adam_eps))
+    adam = (scale_by_adam_b1_zero(config.b2, config.adam_eps) if config.b1 == 0 else
+            optax.scale_by_adam(b1=config.b1, b2=config.b2, eps=config.adam_eps))
+    return optax.chain(optax.clip_by_global_norm(config.clip_norm), adam)
 
 
 def init_state(config: TrainConfig, hp: HParams, key) -> tuple[Any, TrainState]:

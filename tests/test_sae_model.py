@@ -139,3 +139,19 @@ def test_loss_terms_match_formulas():
     assert pre > 0
     ev = 1 - np.sum((x - xh) ** 2) / np.sum((x - x.mean(0)) ** 2)
     np.testing.assert_allclose(1 - gdm.sse / gdm.sst, ev, rtol=1e-5)
+
+
+def test_adam_b1_zero_matches_optax_adam():
+    import optax
+
+    from sae.train import scale_by_adam_b1_zero
+
+    params = {"a": jnp.ones((3, 4)), "b": jnp.zeros(5)}
+    ref, ours = optax.scale_by_adam(b1=0.0, b2=0.999, eps=1e-8), scale_by_adam_b1_zero()
+    s_ref, s_ours = ref.init(params), ours.init(params)
+    for t in range(4):
+        g = jax.tree.map(lambda p: jax.random.normal(jax.random.key(t), p.shape), params)
+        u_ref, s_ref = ref.update(g, s_ref, params)
+        u_ours, s_ours = ours.update(g, s_ours, params)
+        for k in params:
+            np.testing.assert_allclose(u_ours[k], u_ref[k], rtol=1e-5, atol=1e-7)

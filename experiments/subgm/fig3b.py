@@ -44,13 +44,14 @@ def claims(data: dict):
     alphas = np.asarray(data["alpha"], float)
     med = np.median(np.asarray(data["final"]), axis=1)
     txt = "; ".join(f"α={a:g}: {m:.2e}" for a, m in zip(alphas, med))
-    order = np.argsort(-alphas)
-    mono = bool(np.all(np.diff(med[order]) <= 1e-12))
+    order = np.argsort(-alphas)  # α decreasing
+    mono = bool(np.all(np.diff(med[order]) <= 0))
+    gain = med[order][0] / med[order][-1]
+    verdict = (("supported" if gain >= 2 else f"supported only weakly (×{gain:.2f}: the noise floor dominates)")
+               if mono else "contradicted")
     return [base.claim("3b", "under Gaussian noise, smaller α gives a smaller final op-norm error",
-                       f"median final ‖·‖₂ {txt}; non-increasing as α decreases: {mono}",
-                       "supported" if mono and med[order][0] > 1.5 * med[order][-1] else
-                       "contradicted (below α≈1e-5 the noise floor, not α, sets the error)"
-                       if med[order][0] > 1.5 * med[order][-1] else "contradicted")]
+                       f"median final ‖·‖₂ {txt}; non-increasing as α decreases: {mono}; "
+                       f"α={alphas[order][0]:g} / α={alphas[order][-1]:g}: ×{gain:.2f}", verdict)]
 
 
 def main(argv=None, out=None) -> dict:

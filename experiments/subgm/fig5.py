@@ -20,7 +20,6 @@ log10(error) over [t₁, t₂]; the local phase's log–log slope is fitted over
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -113,14 +112,26 @@ def plot(data: dict, path):
     common.save_fig(fig, path)
 
 
+def _median_of(ph):
+    """key -> median over seeds of the phase quantity (nan if no seed has it)."""
+    def med(key):
+        vals = [p[key] for p in ph if p[key] is not None]
+        return float(np.median(vals)) if vals else float("nan")
+    return med
+
+
 def summary(data: dict):
     for i, a in enumerate(data["alpha"]):
         ph = data["phases"][i]
         st = base.final_stats(data["final"][i])
-        med = lambda key: np.median([p[key] for p in ph if p[key] is not None]) if any(p[key] is not None for p in ph) else float("nan")
+        med = _median_of(ph)
         yield (f"α={a:g}: t1 (learned) {med('t1'):.0f}, t2 (local) {med('t2'):.0f}, linear slope "
                f"{med('linear_slope'):.2e}/it, local log-log slope {med('local_loglog_slope'):.2f}, "
                f"final error median {st['median']:.2e}")
+
+
+def _f0(x):
+    return "n/a" if x is None else f"{x:.0f}"
 
 
 def claims(data: dict):
@@ -128,8 +139,8 @@ def claims(data: dict):
     meds = {}
     for i, a in enumerate(data["alpha"]):
         ph = data["phases"][i]
-        get = lambda key: [p[key] for p in ph if p[key] is not None]
-        meds[a] = {key: (np.median(get(key)) if get(key) else None) for key in
+        med = _median_of(ph)
+        meds[a] = {key: (None if np.isnan(med(key)) else float(med(key))) for key in
                    ("t1", "t2", "linear_slope", "local_loglog_slope")}
     a_big = max(data["alpha"])
     m = meds[a_big]
@@ -137,7 +148,7 @@ def claims(data: dict):
              and m["linear_slope"] is not None and m["linear_slope"] < 0
              and m["local_loglog_slope"] is not None and -1.5 <= m["local_loglog_slope"] <= -0.5)
     txt = "; ".join(
-        f"α={a:g}: t1={v['t1']}, t2={v['t2']}, linear slope "
+        f"α={a:g}: t1={_f0(v['t1'])}, t2={_f0(v['t2'])}, linear slope "
         + (f"{v['linear_slope']:.1e}" if v['linear_slope'] is not None else "n/a")
         + ", local log-log slope " + (f"{v['local_loglog_slope']:.2f}" if v['local_loglog_slope'] is not None else "n/a")
         for a, v in meds.items())

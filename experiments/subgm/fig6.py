@@ -12,6 +12,8 @@ the linearised dynamics predict tᵢ ≈ ln(σᵢ/λᵢ(0)) / (2ησᵢ).
 """
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
 from experiments import common
@@ -66,7 +68,7 @@ def plot(data: dict, path, title="Fig. 6"):
 
 
 def _ordered(t_learned):
-    ok = [all(t is not None for t in ts) and all(a < b for a, b in zip(ts, ts[1:])) for ts in t_learned]
+    ok = [all(t is not None for t in ts) and all(a < b for a, b in itertools.pairwise(ts)) for ts in t_learned]
     return sum(ok), len(ok)
 
 

@@ -70,11 +70,12 @@ def plot(data: dict, path):
     for i, (p, a) in enumerate(data["instances"]):
         ratio = np.asarray(data["loss"][i]) / np.asarray(data["truth_loss"][i])[:, None]
         ls = "-" if a == min(data["alpha"]) else "--"
-        l1 = common.band(ax1, data["iterations"], ratio, label=f"p = {p}, α = {a:g}")
+        l1 = common.band(ax1, data["iterations"], ratio, label=f"p = {p}, α = {a:g}", logy=False)
         l2 = common.band(ax2, data["iterations"], data["error"][i], label=f"p = {p}, α = {a:g}")
         l1.set_linestyle(ls)
         l2.set_linestyle(ls)
     ax1.axhline(1.0, color="k", ls=":", lw=1, label=r"$f_{\ell_1}(X^*)$")
+    ax1.set_ylim(0.9, 1.3)
     ax1.set_ylabel(r"$f_{\ell_1}(U_t)\,/\,f_{\ell_1}(X^*)$")
     ax2.set_ylabel(r"$\|UU^\top - X^*\|_F$")
     s = data["settings"]

@@ -43,6 +43,8 @@ def write_claims(rows, timings, path, total_s, seeds):
     for r in rows:
         cells = [str(r[k]).replace("|", "\\|").replace("\n", " ") for k in ("fig", "claim", "measured", "verdict")]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "## Notes: reconstructed constants and what was measured to choose them", ""]
+    lines += [S.NOTES.strip(), ""]
     lines += ["", "## Wall time (s)", "", "| figure | wall s |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in timings.items()]
     lines += [f"| **total** | **{total_s:.1f}** |", ""]

@@ -332,7 +332,8 @@ def _plots(result, out: Path):
                                 ("gaussian_iso", "--"), ("euclid_sae_atoms", "-.")):
                 if name in rs:
                     e = np.asarray(rs[name]["edges"])
-                    ax.plot(0.5 * (e[1:] + e[:-1]), rs[name]["hist_" + geo], style, label=name)
+                    ax.plot(0.5 * (e[1:] + e[:-1]), rs[name]["hist_" + geo], linestyle=style,
+                            label=name)
             ax.set_title(f"layer {L['layer']} ({'Euclidean' if geo == 'euclid' else 'AIP'})",
                          fontsize=9)
             ax.set_xlim(0, 180)

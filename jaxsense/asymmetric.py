@@ -289,25 +289,25 @@ def run_until(solver: AsymSolver, L0, R0, op, y, X_star, *, target=1e-6, max_ste
         state = jax.vmap(solver.init)(L0, R0)
         err_fn = jax.vmap(rel_error)
 
-        def step(s, slv):
+        def step(s, slv, op, y):
             return jax.vmap(lambda st, sv, yy: sv.update(st, op, yy))(s, slv, y)
     else:
         state = solver.init(L0, R0)
         err_fn = rel_error
 
-        def step(s, slv):
+        def step(s, slv, op, y):
             return slv.update(s, op, y)
 
     @jax.jit
-    def chunk(state, slv):
+    def chunk(state, slv, op, y, X_star):  # arrays as arguments, never captured constants
         def body(s, _):
-            s2, info = step(s, slv)
+            s2, info = step(s, slv, op, y)
             return s2, info.loss
 
         state, losses = jax.lax.scan(body, state, None, length=check_every)
         return state, err_fn(state.L, state.R, X_star), losses[0]
 
-    jax.block_until_ready(chunk(state, solver))  # compile + warm up (result discarded)
+    jax.block_until_ready(chunk(state, solver, op, y, X_star))  # compile + warm-up, discarded
     err0 = np.atleast_1d(np.asarray(err_fn(state.L, state.R, X_star)))
     hist, losses = [err0], []
     n = err0.shape[0]
@@ -316,7 +316,7 @@ def run_until(solver: AsymSolver, L0, R0, op, y, X_star, *, target=1e-6, max_ste
     t0 = time.perf_counter()
     it = 0
     while np.any(iters < 0) and it < max_steps:
-        state, err, f0 = chunk(state, solver)
+        state, err, f0 = chunk(state, solver, op, y, X_star)
         err = np.atleast_1d(np.asarray(err))  # blocks
         it += check_every
         now = time.perf_counter() - t0

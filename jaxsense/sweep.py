@@ -136,6 +136,26 @@ def _instances(full, swept):
     return params, shape
 
 
+class Prepared(NamedTuple):
+    """The inputs of one sweep (``sweep(..., prepare_only=True)``), ready for
+    :func:`jaxsense.run` with ``in_axes``: the batch is padded and sharded (B real instances)."""
+
+    solver: object
+    U0: jax.Array
+    op: object
+    y: jax.Array
+    truth: object
+    in_axes: dict
+    precision: str | None
+    B: int
+    mesh: Mesh
+
+
+def matmul_precision(precision):
+    """Context manager: ``jax.default_matmul_precision(precision)``, or nothing for None."""
+    return jax.default_matmul_precision(precision) if precision else contextlib.nullcontext()
+
+
 def make_mesh(devices=None) -> Mesh:
     """A 1-D ("batch",) mesh over ``devices`` (default: all of ``jax.devices()``)."""
     devices = list(jax.devices() if devices is None else devices)
@@ -157,13 +177,15 @@ def sweep(grid: dict, *, key=None, d: int = 20, r: int = 3, m: int = 500,
           num_steps: int = 6000, record_every: int = 20, metrics=("rel_fro_error",),
           dtype=None, devices=None, precision: str | None = None,
           share_operator: bool = True, power_squarings: int = 10,
-          progress: bool = False, num_chunks: int | None = None) -> SweepResult:
+          progress: bool = False, num_chunks: int | None = None,
+          prepare_only: bool = False) -> SweepResult:
     """Run every instance of ``grid`` (see module docstring) as one sharded, vmapped scan.
 
     method: 'subgm' (ℓ1 loss, geometric step by default) or 'gd' (ℓ2 loss, constant step η);
     ``step``/``loss`` override the defaults (step in geometric/polyak/constant). init:
     'spectral' (Algorithm 2) or 'random' (small random). dtype: default float64 when x64 is
-    enabled, else float32. Returns :class:`SweepResult`.
+    enabled, else float32. Returns :class:`SweepResult` (or, with ``prepare_only=True``, the
+    padded, sharded inputs as :class:`Prepared` without running — used by the benchmark).
     """
     if not isinstance(grid, dict):
         raise TypeError(f"grid={grid!r}: expected a dict axis -> value(s)")
@@ -229,10 +251,12 @@ def sweep(grid: dict, *, key=None, d: int = 20, r: int = 3, m: int = 500,
     if shared_op is not None:
         shared_op = jax.device_put(shared_op, repl)
 
-    def make_instance(seed, p, scale, nu, alpha, r_search):
+    def make_instance(shared, k_inst, seed, p, scale, nu, alpha, r_search):
+        # the shared operator is an ARGUMENT (not a closure): a captured array would be
+        # embedded in the program as a constant (slow to compile at d = 100, m = 4000)
         ik = jax.random.fold_in(k_inst, seed)
         k_prob, k_init, k_op_i = jax.random.split(ik, 3)
-        op = shared_op if share_operator else make_operator(operator, k_op_i, m, d, dtype)
+        op = shared if share_operator else make_operator(operator, k_op_i, m, d, dtype)
         prob = make_problem(k_prob, d, r, m, spectrum=spectrum, kappa=kappa, p=p,
                             outlier_distribution=outlier_distribution, outlier_scale=scale,
                             nu=nu, dtype=dtype, op=op)
@@ -241,21 +265,25 @@ def sweep(grid: dict, *, key=None, d: int = 20, r: int = 3, m: int = 500,
         else:
             U0 = small_random_init(k_init, d, r_max, alpha, dtype)
         U0 = jnp.where(jnp.arange(r_max) < r_search, U0, 0.0)
-        return prob, U0
+        # return the operator only when it is per-instance: a shared one would be broadcast
+        # to (B, m, d²) by vmap's outputs (82 GB at d = 100, m = 4000, B = 256)
+        return (None if share_operator else prob.op), prob.y, prob.truth, U0
 
-    prob, U0 = jax.jit(jax.vmap(make_instance))(
-        dev["seed"], dev["p"], dev["outlier_scale"], dev["nu"], dev["alpha"], dev["r_search"])
+    ops, y, truth, U0 = jax.jit(jax.vmap(make_instance, in_axes=(None, None) + (0,) * 6))(
+        shared_op, k_inst, dev["seed"], dev["p"], dev["outlier_scale"], dev["nu"], dev["alpha"],
+        dev["r_search"])
     solver = make_solver(StepRule(eta=dev["eta"], rho=dev["rho"], kind=step), loss,
                          power_squarings=power_squarings)
     in_axes = {"solver": 0, "U0": 0, "y": 0, "truth": 0}
-    op = prob.op
-    if share_operator:
-        op = shared_op
-    else:
+    op = shared_op if share_operator else ops
+    if not share_operator:
         in_axes["op"] = 0
-    ctx = jax.default_matmul_precision(precision) if precision else contextlib.nullcontext()
-    with ctx:
-        res = run(solver, U0, op, prob.y, prob.truth, num_steps=num_steps,
+    prepared = Prepared(solver=solver, U0=U0, op=op, y=y, truth=truth,
+                        in_axes=in_axes, precision=precision, B=B, mesh=mesh)
+    if prepare_only:
+        return prepared
+    with matmul_precision(precision):
+        res = run(solver, U0, op, y, truth, num_steps=num_steps,
                   record_every=record_every, metrics=metrics, in_axes=in_axes,
                   progress=progress, num_chunks=num_chunks, desc=f"sweep[{B}]")
     history = {k: np.asarray(v)[:B] for k, v in res.history.items()}

@@ -46,6 +46,7 @@ FORMAT = "sae.activations/1"
 _STORAGE_DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"),
                    "bfloat16": np.dtype("<u2")}
 _VERIFY_LEVELS = ("full", "size", "none")
+_CHUNK_BYTES = 96 << 10  # default chunk of the block shuffle: one memmove of about this size
 
 
 # ---------------------------------------------------------------------------- atomic writes
@@ -251,6 +252,12 @@ def _aligned_empty(shape: tuple, dtype, align: int = 64) -> np.ndarray:
     return raw[off:off + nbytes].view(dtype).reshape(shape)
 
 
+class _Chunks(NamedTuple):
+    """Plan item of the block shuffle: indices of whole ``chunk_rows``-row chunks."""
+
+    idx: np.ndarray
+
+
 class _BufferPool:
     """Recycles 64-byte-aligned batch buffers once nothing references them any more.
 
@@ -303,20 +310,55 @@ class ActivationStore:
     ``iter(store)`` is the next epoch, reshuffled from ``(seed, epoch)``. It plugs straight
     into SAE training: ``for x in store: state = step(state, x)``.
 
-    Shuffling: the shard order is permuted, then shards are taken ``window_shards`` at a
-    time (default: all shards = an exact global shuffle); the rows of a window are permuted
-    together, and rows left over at the end of a window carry into the next. Within one
-    batch, rows are grouped by shard and sorted by row (a batch is a random *set*; sorting
-    makes the memory-mapped reads nearly sequential). No row is repeated or skipped in an
-    epoch; with ``drop_last=True`` the final partial batch is dropped.
+    Shuffling (``shuffle=``):
+
+    - ``"blocks"`` (default, also ``True``) — *block shuffle*. Every shard is cut into
+      chunks of ``chunk_rows`` consecutive rows and the chunks into blocks of about
+      ``block_rows`` rows (block cuts shifted by a random phase per shard and epoch, so
+      blocks differ between epochs). All blocks of all shards are put in one seeded random
+      order; that stream is cut into shuffle buffers of ``shuffle_buffer`` batches, the
+      chunks of each buffer are permuted, and consecutive rows of the permuted stream form
+      the batches. A batch thus holds ``batch_size / chunk_rows`` runs of consecutive rows,
+      drawn from about ``min(batch_size / chunk_rows, shuffle_buffer * batch_size /
+      block_rows)`` different blocks of (in general) different shards. Each chunk is copied
+      with one memmove, so a shuffled epoch copies nearly as fast as an unshuffled one
+      (numpy, synchronous: ≈ 0.8 of ``np.fromfile`` vs ≈ 0.85; ``"rows"``: ≈ 0.4–0.5;
+      see docs/activations.md for the benchmark with jax batches and prefetch).
+      *Trade-off*: rows of one chunk or block are consecutive tokens (usually of one text),
+      so they are correlated. Larger ``chunk_rows`` = faster reads but fewer, longer runs
+      per batch; larger ``block_rows`` / smaller ``shuffle_buffer`` = fewer distinct texts
+      per buffer. ``chunk_rows=1`` permutes single rows inside each buffer (best mixing of
+      the block shuffle, about as slow as ``"rows"``). ``shuffle_buffer`` costs no memory
+      (the buffer is a plan; rows are copied once, straight into the batch).
+      The default ``chunk_rows`` is about 96 KiB of rows (64 rows at d=384 float32, 10 for
+      d=2304 bfloat16) — below about 48 KiB the per-chunk copies get markedly slower here.
+    - ``"rows"`` — exact row-level shuffle: the shard order is permuted, then shards are
+      taken ``window_shards`` at a time (default: all shards = an exact global shuffle); the
+      rows of a window are permuted together, and rows left over at the end of a window
+      carry into the next. Best mixing, but every row is a random single-row read
+      (several times slower than ``"blocks"`` on page-cached data).
+    - ``False`` / ``"none"`` — cache order (batches may span shards).
+
+    Within one batch, rows are grouped by shard and sorted by row (a batch is a random
+    *set*; sorting makes the memory-mapped reads nearly sequential; ``"blocks"`` puts
+    chunks split at a batch boundary last). No row is repeated or
+    skipped in an epoch; with ``drop_last=True`` the final partial batch is dropped. Every
+    mode is deterministic in ``(seed, epoch)``.
 
     Args:
       path: cache folder (written by :func:`sae.cache.cache_activations`).
       layer: which cached layer to read; may be omitted when a single layer was cached.
       batch_size: rows per batch B.
       seed: shuffle seed.
-      shuffle: ``False`` reads rows in cache order (batches may span shards).
-      window_shards: shards mixed together per shuffle window (``None`` = all).
+      shuffle: ``"blocks"``/``True`` (default), ``"rows"`` or ``"none"``/``False``; see
+        above.
+      block_rows: rows per contiguous block of the block shuffle (default 1024).
+      shuffle_buffer: batches per shuffle buffer of the block shuffle (default 16).
+      chunk_rows: rows per chunk, the unit that the block shuffle permutes and copies
+        (default ``None``: about 96 KiB of rows, at most ``block_rows`` and
+        ``batch_size // 16``).
+      window_shards: shards mixed together per shuffle window of ``shuffle="rows"``
+        (``None`` = all).
       drop_last: drop the last, partial batch of an epoch.
       prefetch: batches prepared ahead by the background thread (0 = synchronous).
       device: a ``jax.Device`` for the batches (default device if ``None``).
@@ -338,7 +380,10 @@ class ActivationStore:
         batch_size: int = 4096,
         *,
         seed: int = 0,
-        shuffle: bool = True,
+        shuffle: bool | str = True,
+        block_rows: int = 1024,
+        shuffle_buffer: int = 16,
+        chunk_rows: int | None = None,
         window_shards: int | None = None,
         drop_last: bool = True,
         prefetch: int = 2,
@@ -354,6 +399,16 @@ class ActivationStore:
             raise ValueError(f"prefetch={prefetch!r}: expected an int >= 0")
         if window_shards is not None and (not isinstance(window_shards, int) or window_shards < 1):
             raise ValueError(f"window_shards={window_shards!r}: expected None or a positive int")
+        modes = {True: "blocks", False: "none", "blocks": "blocks", "rows": "rows",
+                 "none": "none"}
+        if not isinstance(shuffle, (bool, str)) or shuffle not in modes:
+            raise ValueError(
+                f"shuffle={shuffle!r}: expected True/'blocks', 'rows' or False/'none'"
+            )
+        for name, v in (("block_rows", block_rows), ("shuffle_buffer", shuffle_buffer),
+                        ("chunk_rows", 1 if chunk_rows is None else chunk_rows)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name}={v!r}: expected a positive int")
         self.path = Path(path)
         self.manifest = verify_cache(path, verify)
         self.layers: list[int] = [int(l) for l in self.manifest["layers"]]
@@ -369,7 +424,14 @@ class ActivationStore:
         self.d_model = int(self.manifest["d_model"])
         self.dtype_name = self.manifest["dtype"]
         self.batch_size = batch_size
-        self.seed, self.shuffle, self.window_shards = int(seed), bool(shuffle), window_shards
+        self.seed, self.window_shards = int(seed), window_shards
+        self.shuffle: str = modes[shuffle]  # "blocks", "rows" or "none"
+        self.block_rows, self.shuffle_buffer = block_rows, shuffle_buffer
+        if chunk_rows is None:  # about 96 KiB per chunk (64 rows of d=384 float32), at
+            # least 16 chunks per batch, at most one block
+            row_bytes = self.d_model * _STORAGE_DTYPES[self.dtype_name].itemsize
+            chunk_rows = max(1, min(_CHUNK_BYTES // row_bytes, block_rows, batch_size // 16))
+        self.chunk_rows = min(chunk_rows, batch_size)  # a chunk spans at most 2 batches
         self.drop_last, self.prefetch, self.as_numpy = bool(drop_last), prefetch, bool(as_numpy)
         self.out_dtype = None if dtype is None else np.dtype(dtype)
         self.device = device
@@ -377,7 +439,7 @@ class ActivationStore:
         self.shard_sizes = np.array([s["n_tokens"] for s in self.manifest["shards"]], np.int64)
         self.n_tokens = int(self.shard_sizes.sum())
         self._offsets = np.concatenate([[0], np.cumsum(self.shard_sizes)])
-        self._mm: dict[tuple[int, str], np.ndarray] = {}
+        self._mm: dict[tuple, np.ndarray] = {}  # (shard, key[, "chunks"]) -> memmap view
         self._pool = _BufferPool(max_free=prefetch + 6)
         self._epoch = 0
 
@@ -432,9 +494,13 @@ class ActivationStore:
 
     # ------------------------------------------------------------------ batch plan
     def _batch_plans(self, epoch: int) -> Iterator[list[tuple[int, np.ndarray]]]:
-        """Yield per batch a list of (shard, sorted row indices) — the rows to gather."""
+        """Yield per batch a list of (shard, sorted row indices) — the rows to gather
+        (``"rows"``, ``"none"``), or whole chunks and slices (``"blocks"``: :meth:`_block_plans`)."""
         B = self.batch_size
-        if not self.shuffle:
+        if self.shuffle == "blocks":
+            yield from self._block_plans(epoch)
+            return
+        if self.shuffle == "none":
             start = 0
             while start < self.n_tokens:
                 stop = min(start + B, self.n_tokens)
@@ -467,6 +533,75 @@ class ActivationStore:
         if len(pend_s) and not self.drop_last:
             yield self._group(pend_s, pend_r)
 
+    def _block_plans(self, epoch: int) -> Iterator[list[tuple[int, Any]]]:
+        """Block shuffle plan (see the class docstring): per batch a list of
+        ``(shard, _Chunks(sorted chunk indices))`` (whole aligned chunks of ``chunk_rows``
+        rows, each copied with one memmove) and ``(shard, slice)`` (partial chunks: a
+        shard's short last chunk, or a chunk split between two batches)."""
+        B, c = self.batch_size, self.chunk_rows
+        Lc = -(-self.block_rows // c)  # chunks per block
+        # a stream of its own (3 words): "rows" keeps the exact orders of earlier versions
+        rng = np.random.default_rng([self.seed, epoch, 1])
+        b_shard, b_start, b_n = [], [], []  # blocks, in chunk units
+        for s, n in enumerate(self.shard_sizes.tolist()):
+            nch = -(-n // c)
+            if nch == 0:
+                continue
+            phase = int(rng.integers(0, min(Lc, nch)))  # shift the cuts per shard and epoch
+            cuts = np.arange(phase, nch, Lc, dtype=np.int64)
+            if phase:
+                cuts = np.concatenate([[0], cuts])
+            b_start.append(cuts)
+            b_n.append(np.diff(np.append(cuts, nch)))
+            b_shard.append(np.full(len(cuts), s, np.int64))
+        perm = rng.permutation(sum(len(x) for x in b_start))
+        b_shard = np.concatenate(b_shard)[perm]
+        b_start = np.concatenate(b_start)[perm]
+        b_n = np.concatenate(b_n)[perm]
+        # the epoch's chunk stream, blocks in random order (concatenated aranges)
+        total = int(b_n.sum())
+        ch_shard = np.repeat(b_shard, b_n)
+        ch_idx = np.repeat(b_start - (np.cumsum(b_n) - b_n), b_n) + np.arange(total)
+        ch_len = np.minimum(c, self.shard_sizes[ch_shard] - ch_idx * c)
+        # shuffle buffers: chunks starting in rows [k R, (k+1) R) of the stream are
+        # permuted together
+        R = B * self.shuffle_buffer
+        start = np.cumsum(ch_len) - ch_len
+        bounds = np.searchsorted(start, np.arange(0, self.n_tokens, R)).tolist() + [total]
+        order = np.concatenate([lo + rng.permutation(hi - lo)
+                                for lo, hi in itertools.pairwise(bounds)])
+        ch_shard, ch_idx, ch_len = ch_shard[order], ch_idx[order], ch_len[order]
+        # batch j = stream rows [j B, (j+1) B): whole chunks inside one batch are copied
+        # as items, grouped by shard (sorted); chunks cut by a batch boundary or short
+        # (a shard's last chunk) are copied as slices
+        ch_end = np.cumsum(ch_len)
+        st = ch_end - ch_len
+        b0, b1 = st // B, (ch_end - 1) // B
+        n_batches = self.n_tokens // B if self.drop_last else -(-self.n_tokens // B)
+        plans: list[list[tuple[int, Any]]] = [[] for _ in range(n_batches)]
+        full = (ch_len == c) & (b0 == b1)
+        fi = np.flatnonzero(full)
+        fb, fs, fx = b0[fi], ch_shard[fi], ch_idx[fi]
+        o = np.lexsort((fx, fs, fb))
+        fb, fs, fx = fb[o], fs[o], fx[o]
+        cut = (np.flatnonzero((np.diff(fb) != 0) | (np.diff(fs) != 0)) + 1).tolist()
+        lo_ = [0, *cut]
+        for p, q, bj, sj in zip(lo_, [*cut, len(fx)], fb[lo_].tolist() if len(fx) else [],
+                                fs[lo_].tolist() if len(fx) else []):
+            if bj < n_batches:
+                plans[bj].append((sj, _Chunks(fx[p:q])))
+        pi = np.flatnonzero(~full)
+        r0 = ch_idx[pi] * c
+        split = np.minimum(ch_len[pi], (b0[pi] + 1) * B - st[pi])  # rows in the first batch
+        for sj, bj, bk, r, k, n in zip(ch_shard[pi].tolist(), b0[pi].tolist(),
+                                       b1[pi].tolist(), r0.tolist(), split.tolist(),
+                                       ch_len[pi].tolist()):
+            if bj < n_batches:
+                plans[bj].append((sj, slice(r, r + k)))
+            if bk != bj and bk < n_batches:
+                plans[bk].append((sj, slice(r + k, r + n)))
+        yield from plans
+
     @staticmethod
     def _group(sids: np.ndarray, rows: np.ndarray) -> list[tuple[int, np.ndarray]]:
         key = np.sort((sids << 32) | rows)
@@ -480,7 +615,9 @@ class ActivationStore:
     def _gather(self, plan) -> np.ndarray:
         """Copy the planned rows out of the memmaps into one fresh (n, d) array (one copy)."""
         key = layer_key(self.layer)
-        n = sum((p.stop - p.start) if isinstance(p, slice) else len(p) for _, p in plan)
+        c = self.chunk_rows
+        n = sum((p.stop - p.start) if isinstance(p, slice)
+                else len(p.idx) * c if isinstance(p, _Chunks) else len(p) for _, p in plan)
         # 64-byte aligned: jax.device_put onto a CPU device then aliases it (no second copy);
         # the pool reuses a buffer only once no batch refers to it, so aliasing is safe.
         out = self._pool.get((n, self.d_model), self._memmap(plan[0][0], key).dtype)
@@ -490,14 +627,33 @@ class ActivationStore:
             if isinstance(rows, slice):
                 k = rows.stop - rows.start
                 out[o:o + k] = mm[rows]
+            elif isinstance(rows, _Chunks):  # whole chunks as opaque items: one memmove each
+                k = len(rows.idx) * c
+                dst = out[o:o + k].reshape(-1).view(self._chunk_dtype(mm.dtype))
+                np.take(self._chunk_view(s, key), rows.idx, out=dst, mode="clip")
             else:  # rows are in range by construction; mode="clip" avoids numpy's
                 k = len(rows)  # buffered copy for out= with mode="raise"
                 np.take(mm, rows, axis=0, out=out[o:o + k], mode="clip")
             o += k
+        return self._finish(out)
+
+    def _finish(self, out: np.ndarray) -> np.ndarray:
         out = _view_activations(out, self.dtype_name)
         if self.out_dtype is not None and out.dtype != self.out_dtype:
             out = out.astype(self.out_dtype)
         return out
+
+    def _chunk_dtype(self, dt: np.dtype) -> np.dtype:
+        return np.dtype((np.void, self.chunk_rows * self.d_model * dt.itemsize))
+
+    def _chunk_view(self, shard: int, key: str) -> np.ndarray:
+        """The whole chunks of a shard's memmap as a 1-d array of opaque items."""
+        k = (shard, key, "chunks")
+        if k not in self._mm:
+            mm = self._memmap(shard, key)
+            n = (len(mm) // self.chunk_rows) * self.chunk_rows
+            self._mm[k] = np.asarray(mm[:n]).reshape(-1).view(self._chunk_dtype(mm.dtype))
+        return self._mm[k]
 
     def _to_device(self, x: np.ndarray):
         if self.as_numpy:

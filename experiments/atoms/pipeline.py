@@ -342,6 +342,8 @@ def _plots(result, out: Path):
     fig.savefig(out / "angles.png", dpi=110)
     plt.close(fig)
 
+    if not layers[0]["rows"]:
+        return
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
     xs = [L["layer"] for L in layers]
     for name in layers[0]["rows"]:

@@ -57,15 +57,19 @@ def main(argv=None):
     import matplotlib
 
     matplotlib.use("Agg")
+    import shutil
+    import tempfile
     from pathlib import Path
-    tmp = Path(a.out)
+
+    tmp = Path(tempfile.mkdtemp(prefix="shift_plot_"))  # never clobber run.py's angles.png
     res = {"layers": [dict(L, rows={}) for L in out["layers"]]}
     try:
         _plots(res, tmp)
-    except (IndexError, KeyError):
+    except (IndexError, KeyError, ValueError):
         pass
     if (tmp / "angles.png").exists():
-        os.replace(tmp / "angles.png", tmp / "shift.png")
+        shutil.move(str(tmp / "angles.png"), os.path.join(a.out, "shift.png"))
+    shutil.rmtree(tmp, ignore_errors=True)
     print(f"wrote {a.out}/shift.json shift.png")
     return out
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -121,7 +122,8 @@ def main(argv=None):
     a = ap.parse_args(argv)
     with jax.enable_x64(True):
         data = compute(a.quick, a.seeds)
-    out = common.out_dir(a.out)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
     common.save_json(out / "phase_transition.json", data)
     plot(data, out / "phase_transition.png")
     print(f"wrote {out / 'phase_transition.json'} and .png  ({data['wall_s']:.0f}s)")

@@ -73,6 +73,20 @@ def test_gd_sweep_is_not_robust(x64):
     assert np.all(gd.final["rel_fro_error"] > 20 * sub.final["rel_fro_error"])
 
 
+def test_per_seed_operators(x64):
+    """share_operator=False: each seed draws its own operator (batched op, never broadcast)."""
+    small = {**SMALL, "num_steps": 600, "record_every": 300}
+    prep = sweep({"seed": [0, 1], "p": [0.0, 0.2]}, share_operator=False, prepare_only=True,
+                 **small)
+    assert prep.op.A.shape == (8, small["m"], small["d"] ** 2)  # padded 4 -> 8 devices
+    A = np.asarray(prep.op.A)
+    assert not np.allclose(A[0], A[1])  # seeds 0, 1 (p = 0): different operators
+    np.testing.assert_array_equal(A[0], A[2])  # seed 0 at p = 0 and p = 0.2: the same one
+    res = sweep({"seed": [0, 1], "p": [0.0, 0.2]}, share_operator=False, **small)
+    assert np.all(np.isfinite(res.final["rel_fro_error"]))
+    assert np.all(res.final["rel_fro_error"] < 0.05)  # from 1.0 at t = 0
+
+
 def test_bad_inputs():
     with pytest.raises(ValueError, match=r"unknown axes \['q'\]"):
         sweep({"q": [1]}, **SMALL)

@@ -53,7 +53,7 @@ def loss_and_q(kind: str, op, U, y, X_star=None):
 
 def direction(Q, U):
     """D = (Q + Qᵀ) U (eq. 3): the (sub)gradient in U. Q: (d, d), U: (d, r') -> (d, r')."""
-    return Q @ U + Q.T @ U
+    return (Q + Q.T) @ U
 
 
 def subgradient(kind: str, op, U, y, X_star=None):

@@ -13,7 +13,7 @@ Step rules (pytrees: η, ρ are leaves, so a sweep can vmap over them):
   whose vector is carried in the state (warm start). Plain warm-started power steps lose
   accuracy when the top singular vector of Q_t switches (measured: up to 20–40% relative
   error with 3 steps/iteration around the iterations where a new eigenvalue is learned),
-  so each iteration applies (QᵀQ)^(2^s) to the carried vector, formed by s normalised
+  so each iteration applies (QᵀQ)^(2^s) to the carried vector, formed by s trace-normalised
   repeated squarings of QᵀQ (matmuls only: GPU-friendly, no SVD). s = 10 measured
   ≤ 2e-15 relative error against the SVD along 6000-step runs at the paper's size.
   ``norm='svd'`` takes the exact value instead — slow on GPU.
@@ -90,14 +90,18 @@ def power_iteration(Q, v, squarings: int = 10):
     """Spectral norm ‖Q‖₂ by the power method: v ← (QᵀQ)^(2^s) v, σ = ‖Q v‖.
 
     Q: (d, d) (or (n, d)), v: (d,) unit start vector (warm start). The power 2^s is built by
-    ``squarings`` = s normalised repeated squarings B ← B²/‖B²‖_F of B = QᵀQ, so the cost is
-    s small matmuls and the error contracts like (σ₂/σ₁)^(2^(s+1)). Returns (σ, v).
+    ``squarings`` = s repeated squarings B ← B²/tr(B²) of B = QᵀQ (PSD, so the trace is a
+    cheap positive normaliser), unrolled so that XLA sees straight-line small matmuls. The
+    error of v contracts like (σ₂/σ₁)^(2^(s+1)). Returns (σ, v).
     """
 
-    def square(_, B):
-        return _safe_normalize(B @ B)
+    def normalize_psd(B):
+        tr = jnp.trace(B)
+        return B / jnp.where(tr > 0, tr, 1.0)
 
-    B = jax.lax.fori_loop(0, squarings, square, _safe_normalize(Q.T @ Q))
+    B = normalize_psd(Q.T @ Q)
+    for _ in range(squarings):
+        B = normalize_psd(B @ B)
     v = _safe_normalize(B @ v)
     return jnp.linalg.norm(Q @ v), v
 

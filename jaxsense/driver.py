@@ -17,7 +17,6 @@ Metrics (recorded at iterations t = 0, k, 2k, …; loss/step/q_norm are those of
 from __future__ import annotations
 
 import functools
-import math
 from typing import NamedTuple
 
 import jax

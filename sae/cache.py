@@ -504,7 +504,7 @@ def cache_activations(
     # Skip (and re-hash) the texts that committed shards consumed.
     consumed = manifest["source"]["texts_consumed"]
     chain = CHAIN_START
-    for i, t in enumerate(itertools.islice(text_iter, consumed)):
+    for t in itertools.islice(text_iter, consumed):
         chain = chain_hash(chain, t)
     if chain != manifest["source"]["text_chain"]:
         raise ValueError(

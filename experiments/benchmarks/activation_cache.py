@@ -145,7 +145,7 @@ def replicate_cache(src: Path, dst: Path, copies: int) -> Path:
     m = read_manifest(src)
     dst.mkdir(parents=True)
     shards = []
-    for c in range(copies):
+    for _ in range(copies):
         for s in m["shards"]:
             idx = len(shards)
             files = {}

@@ -44,8 +44,11 @@ def validate_params(params: dict) -> tuple[int, int]:
     return d, M
 
 
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and os.replace."""
+def atomic_write_bytes(path, data: bytes) -> str:
+    """Write ``data`` to ``path`` atomically: a unique temporary file in the same folder,
+    fsync, ``os.replace``, then fsync the folder. On any error the temporary file is removed
+    and ``path`` is untouched. The one atomic writer of the repo (io, experiments)."""
+    path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
@@ -59,6 +62,15 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    try:
+        dfd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:  # some filesystems refuse fsync on a directory
+        pass
+    return path
 
 
 def save_gemmascope(path: str, params: dict) -> str:

@@ -62,7 +62,8 @@ class DenseGaussian:
     def apply(self, X):
         """𝒜(X): (..., d, d) -> (..., m). Batched X becomes one matmul."""
         flat = X.reshape(X.shape[:-2] + (self.d * self.d,))
-        return flat @ self.A.T
+        # contract A's own last axis: `flat @ A.T` made XLA copy a transposed A per call
+        return jnp.einsum("mk,...k->...m", self.A, flat)
 
     def apply_gram(self, U):
         """𝒜(U Uᵀ) for U: (d, r') -> (m,)."""
@@ -70,7 +71,7 @@ class DenseGaussian:
         if self.B is None:
             return self.apply(X)
         iu, ju = _triu(self.d)
-        return X[iu, ju] @ self.B.T
+        return self.B @ X[iu, ju]
 
     def adjoint(self, v):
         """𝒜*(v) = Σ_i v_i A_i: (m,) -> (d, d)."""

@@ -46,7 +46,7 @@ FORMAT = "sae.activations/1"
 _STORAGE_DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"),
                    "bfloat16": np.dtype("<u2")}
 _VERIFY_LEVELS = ("full", "size", "none")
-_CHUNK_BYTES = 96 << 10  # default chunk of the block shuffle: one memmove of about this size
+_CHUNK_BYTES = 384 << 10  # default chunk of the block shuffle: one memmove of about this size
 
 
 # ---------------------------------------------------------------------------- atomic writes
@@ -305,8 +305,9 @@ class ActivationStore:
     """Reader of an activation cache: shuffled ``(B, d)`` batches of one layer.
 
     Iterating the store yields one epoch of batches ``(batch_size, d_model)`` as jax arrays
-    (prefetched onto ``device``/``sharding`` by a background thread, ``prefetch`` batches
-    ahead — 2 = double buffering), or numpy arrays with ``as_numpy=True``. Each new
+    on ``device``/``sharding`` (on an accelerator prefetched by a background thread,
+    ``prefetch`` batches ahead — 2 = double buffering; on CPU synchronous and zero-copy, see
+    ``prefetch``), or numpy arrays with ``as_numpy=True``. Each new
     ``iter(store)`` is the next epoch, reshuffled from ``(seed, epoch)``. It plugs straight
     into SAE training: ``for x in store: state = step(state, x)``.
 
@@ -321,17 +322,21 @@ class ActivationStore:
       the batches. A batch thus holds ``batch_size / chunk_rows`` runs of consecutive rows,
       drawn from about ``min(batch_size / chunk_rows, shuffle_buffer * batch_size /
       block_rows)`` different blocks of (in general) different shards. Each chunk is copied
-      with one memmove, so a shuffled epoch copies nearly as fast as an unshuffled one
-      (numpy, synchronous: ≈ 0.8 of ``np.fromfile`` vs ≈ 0.85; ``"rows"``: ≈ 0.4–0.5;
-      see docs/activations.md for the benchmark with jax batches and prefetch).
+      with one memmove, so a shuffled epoch copies about as fast as an unshuffled one
+      (default chunks, jax batches on CPU: ≈ 0.85–0.95 of ``np.fromfile``; ``"rows"``:
+      ≈ 0.4; see docs/activations.md).
       *Trade-off*: rows of one chunk or block are consecutive tokens (usually of one text),
       so they are correlated. Larger ``chunk_rows`` = faster reads but fewer, longer runs
       per batch; larger ``block_rows`` / smaller ``shuffle_buffer`` = fewer distinct texts
       per buffer. ``chunk_rows=1`` permutes single rows inside each buffer (best mixing of
       the block shuffle, about as slow as ``"rows"``). ``shuffle_buffer`` costs no memory
       (the buffer is a plan; rows are copied once, straight into the batch).
-      The default ``chunk_rows`` is about 96 KiB of rows (64 rows at d=384 float32, 10 for
-      d=2304 bfloat16) — below about 48 KiB the per-chunk copies get markedly slower here.
+      The default ``chunk_rows`` is about 384 KiB of rows, and at most ``batch_size // 16``
+      (so a batch always holds at least 16 runs): 256 rows at d=384 float32 with batches of
+      4096 (16 runs of 256 tokens per batch), 85 rows at d=2304 bfloat16. Shorter chunks mix
+      better but copy slower here (d=384 float32, jax batches, fraction of ``np.fromfile``:
+      64 rows ≈ 0.70–0.8, 128 ≈ 0.75–0.8, 192 ≈ 0.85, 256 ≈ 0.9); pass ``chunk_rows=64``
+      for the finer mixing of earlier versions.
     - ``"rows"`` — exact row-level shuffle: the shard order is permuted, then shards are
       taken ``window_shards`` at a time (default: all shards = an exact global shuffle); the
       rows of a window are permuted together, and rows left over at the end of a window
@@ -355,12 +360,18 @@ class ActivationStore:
       block_rows: rows per contiguous block of the block shuffle (default 1024).
       shuffle_buffer: batches per shuffle buffer of the block shuffle (default 16).
       chunk_rows: rows per chunk, the unit that the block shuffle permutes and copies
-        (default ``None``: about 96 KiB of rows, at most ``block_rows`` and
+        (default ``None``: about 384 KiB of rows, at most ``block_rows`` and
         ``batch_size // 16``).
       window_shards: shards mixed together per shuffle window of ``shuffle="rows"``
         (``None`` = all).
       drop_last: drop the last, partial batch of an epoch.
-      prefetch: batches prepared ahead by the background thread (0 = synchronous).
+      prefetch: batches prepared ahead by a background thread (0 = synchronous). Default
+        ``None``: 2 when the batches go to a non-CPU device (double buffering overlaps the
+        gather with the host-to-device transfer and the consumer's steps), 0 for numpy
+        batches or a CPU device — there ``device_put`` aliases the batch buffer (no
+        transfer to overlap), and on a small CPU the thread costs more than it hides
+        (measured here: 0.55–0.63 of ``np.fromfile`` with it, 0.70–0.73 without, at 64-row
+        chunks). Results do not depend on it.
       device: a ``jax.Device`` for the batches (default device if ``None``).
       sharding: a ``jax.sharding.Sharding`` or a ``Mesh`` (batch axis split over all mesh
         axes: ``NamedSharding(mesh, P(mesh.axis_names, None))``).
@@ -386,7 +397,7 @@ class ActivationStore:
         chunk_rows: int | None = None,
         window_shards: int | None = None,
         drop_last: bool = True,
-        prefetch: int = 2,
+        prefetch: int | None = None,
         device: Any = None,
         sharding: Any = None,
         as_numpy: bool = False,
@@ -395,8 +406,9 @@ class ActivationStore:
     ):
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r}: expected a positive int")
-        if not isinstance(prefetch, int) or prefetch < 0:
-            raise ValueError(f"prefetch={prefetch!r}: expected an int >= 0")
+        if prefetch is not None and (not isinstance(prefetch, int) or isinstance(prefetch, bool)
+                                     or prefetch < 0):
+            raise ValueError(f"prefetch={prefetch!r}: expected None or an int >= 0")
         if window_shards is not None and (not isinstance(window_shards, int) or window_shards < 1):
             raise ValueError(f"window_shards={window_shards!r}: expected None or a positive int")
         modes = {True: "blocks", False: "none", "blocks": "blocks", "rows": "rows",
@@ -427,20 +439,23 @@ class ActivationStore:
         self.seed, self.window_shards = int(seed), window_shards
         self.shuffle: str = modes[shuffle]  # "blocks", "rows" or "none"
         self.block_rows, self.shuffle_buffer = block_rows, shuffle_buffer
-        if chunk_rows is None:  # about 96 KiB per chunk (64 rows of d=384 float32), at
+        if chunk_rows is None:  # about 384 KiB per chunk (256 rows of d=384 float32), at
             # least 16 chunks per batch, at most one block
             row_bytes = self.d_model * _STORAGE_DTYPES[self.dtype_name].itemsize
             chunk_rows = max(1, min(_CHUNK_BYTES // row_bytes, block_rows, batch_size // 16))
         self.chunk_rows = min(chunk_rows, batch_size)  # a chunk spans at most 2 batches
-        self.drop_last, self.prefetch, self.as_numpy = bool(drop_last), prefetch, bool(as_numpy)
+        self.drop_last, self.as_numpy = bool(drop_last), bool(as_numpy)
         self.out_dtype = None if dtype is None else np.dtype(dtype)
         self.device = device
         self.sharding = self._resolve_sharding(sharding)
+        self.prefetch: int = self._default_prefetch() if prefetch is None else prefetch
         self.shard_sizes = np.array([s["n_tokens"] for s in self.manifest["shards"]], np.int64)
         self.n_tokens = int(self.shard_sizes.sum())
         self._offsets = np.concatenate([[0], np.cumsum(self.shard_sizes)])
         self._mm: dict[tuple, np.ndarray] = {}  # (shard, key[, "chunks"]) -> memmap view
-        self._pool = _BufferPool(max_free=prefetch + 6)
+        self._pool = _BufferPool(max_free=self.prefetch + 6)
+        self._put = None  # numpy batch -> jax array (see _make_put)
+        self._release = None  # runs jaxlib's deferred releases of dropped batches
         self._epoch = 0
 
     # ------------------------------------------------------------------ construction helpers
@@ -463,6 +478,21 @@ class ActivationStore:
                 f"batch_size={self.batch_size}: not divisible over sharding {sharding}: {e}"
             ) from e
         return sharding
+
+    def _default_prefetch(self) -> int:
+        """2 (double buffering in a background thread) when batches go to an accelerator,
+        0 (synchronous) for numpy batches or a CPU device: there ``device_put`` aliases the
+        64-byte-aligned batch buffer (no transfer to overlap), so the thread would only add a
+        hand-off and contend with the consumer for the cores."""
+        if self.as_numpy:
+            return 0
+        import jax
+
+        if self.sharding is not None:
+            devices = self.sharding.device_set
+        else:
+            devices = {self.device if self.device is not None else jax.devices()[0]}
+        return 0 if all(d.platform == "cpu" for d in devices) else 2
 
     # ------------------------------------------------------------------ raw access
     def _memmap(self, shard: int, key: str) -> np.ndarray:
@@ -620,6 +650,8 @@ class ActivationStore:
                 else len(p.idx) * c if isinstance(p, _Chunks) else len(p) for _, p in plan)
         # 64-byte aligned: jax.device_put onto a CPU device then aliases it (no second copy);
         # the pool reuses a buffer only once no batch refers to it, so aliasing is safe.
+        if self._release is not None:
+            self._release()
         out = self._pool.get((n, self.d_model), self._memmap(plan[0][0], key).dtype)
         o = 0
         for s, rows in plan:
@@ -658,11 +690,73 @@ class ActivationStore:
     def _to_device(self, x: np.ndarray):
         if self.as_numpy:
             return x
+        if self._put is None:
+            self._put = self._make_put()
+            try:  # a dropped jax batch releases its numpy buffer only at jaxlib's next
+                # garbage collection of deferred references (e.g. the next device_put):
+                # running it before taking a buffer lets the pool reuse the batch dropped
+                # just before (2 buffers in rotation instead of 3: cache-warmer copies)
+                from jax._src.lib import _jax
+
+                self._release = _jax.collect_garbage
+            except (ImportError, AttributeError):  # pragma: no cover
+                self._release = None
+        return self._put(x)
+
+    def _make_put(self):
+        """The function that turns a gathered numpy batch into a jax array.
+
+        ``jax.device_put`` in general. For one CPU device (no sharding) and a dtype that jax
+        keeps as is, the batch goes through ``jaxlib``'s ``batched_device_put`` directly:
+        the same zero-copy aliasing ``ArrayImpl`` that ``jax.device_put`` returns
+        (committed iff ``device`` was given), without ``device_put``'s Python dispatch
+        (≈ 2.5 µs instead of ≈ 18 µs per batch here — about 6 % of a batch's copy time at
+        4096 × 384 float32). Falls back to ``jax.device_put`` if that internal API is
+        missing or fails."""
         import jax
 
         if self.sharding is not None:
-            return jax.device_put(x, self.sharding)
-        return jax.device_put(x, self.device)
+            sharding = self.sharding
+            return lambda x: jax.device_put(x, sharding)
+        device = self.device
+        slow = (lambda x: jax.device_put(x)) if device is None else (
+            lambda x: jax.device_put(x, device))
+        dev = device if device is not None else jax.devices()[0]
+        try:
+            from jax._src import core as jcore
+            from jax._src.lib import xla_client as xc
+            from jax.sharding import SingleDeviceSharding
+
+            dtypes = {np.dtype(np.float32), np.dtype(np.float16)}
+            try:
+                import ml_dtypes
+
+                dtypes.add(np.dtype(ml_dtypes.bfloat16))
+            except ImportError:  # pragma: no cover
+                pass
+            sharding = SingleDeviceSharding(dev)
+            committed = device is not None
+            batched = xc.batched_device_put
+            if dev.platform != "cpu":
+                return slow
+            # one probe: the fast path must give what jax.device_put gives
+            probe = _aligned_empty((2, 3), np.float32)
+            probe[:] = 1.5
+            a = batched(jcore.ShapedArray(probe.shape, probe.dtype), sharding, [probe],
+                        [dev], committed)
+            if not (isinstance(a, jax.Array) and a.committed == committed
+                    and a.sharding == sharding and np.array_equal(np.asarray(a), probe)):
+                return slow  # pragma: no cover
+        except Exception:  # noqa: BLE001  (internal API moved: use the public one)  # pragma: no cover
+            return slow
+
+        def fast(x):
+            if x.dtype not in dtypes:
+                return slow(x)
+            return batched(jcore.ShapedArray(x.shape, x.dtype), sharding, [x], [dev],
+                           committed)
+
+        return fast
 
     # ------------------------------------------------------------------ iteration
     def iter_epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Any]:

@@ -311,3 +311,36 @@ def test_recycled_buffers_never_overwrite_batches_still_held(cache_dir):
         assert st._pool.n_allocated <= len(kept) + 8 < len(ref)
         for i, x in kept.items():
             np.testing.assert_array_equal(np.asarray(x), ref[i][: len(x)])
+
+
+def test_cpu_batches_are_synchronous_zero_copy_and_match_device_put(cache_dir):
+    """On a CPU device the default is synchronous (no prefetch thread); the jax batches are
+    what ``jax.device_put`` gives (values, committedness, sharding), alias the gathered
+    buffer, and dropped batches are recycled at once (two buffers in rotation)."""
+    cpu = jax.devices("cpu")[0]
+    kw = {"layer": 2, "batch_size": 32, "seed": 3}
+    assert ActivationStore(cache_dir, **kw).prefetch == 0
+    assert ActivationStore(cache_dir, as_numpy=True, **kw).prefetch == 0
+    assert ActivationStore(cache_dir, prefetch=2, **kw).prefetch == 2
+    with pytest.raises(ValueError, match="prefetch=-1"):
+        ActivationStore(cache_dir, prefetch=-1, **kw)
+    ref = [x.copy() for x in ActivationStore(cache_dir, as_numpy=True, **kw)]
+    for extra in ({}, {"device": cpu}, {"prefetch": 2}, {"device": cpu, "prefetch": 2}):
+        st = ActivationStore(cache_dir, **kw, **extra)
+        got = list(st)
+        assert len(got) == len(ref)
+        for x, r in zip(got, ref):
+            assert isinstance(x, jax.Array) and x.dtype == r.dtype
+            np.testing.assert_array_equal(np.asarray(x), r)
+            want = jax.device_put(r, extra.get("device"))
+            assert x.committed == want.committed and x.sharding == want.sharding
+            assert np.asarray(x + 1).sum() == np.asarray(want + 1).sum()
+    st = ActivationStore(cache_dir, **kw)
+    ptrs = set()
+    for _ in range(2):
+        for x in st:  # the caller drops each batch before the next
+            ptrs.add(x.unsafe_buffer_pointer())
+    assert len(ptrs) <= 2 and st._pool.n_allocated <= 2
+    # a cast to a dtype jax would change (float64 without x64) goes through device_put
+    x64 = next(iter(ActivationStore(cache_dir, dtype=np.float64, **kw)))
+    assert x64.dtype == jax.device_put(np.zeros(1)).dtype

@@ -272,6 +272,17 @@ class _SAEBase(nnx.Module):
         return sse / x.shape[0], sse, sst
 
 
+def _init_dictionary(module, rngs, d_in, width, apply_b_dec_to_input, dtype):
+    """Shared SAE parameters: GDM init of W_enc/W_dec (see ``_init_weights``), zero biases."""
+    module.d_in, module.width = d_in, width
+    module.apply_b_dec_to_input = bool(apply_b_dec_to_input)
+    w_enc, w_dec = _init_weights(rngs.params(), d_in, width, dtype)
+    module.W_enc = nnx.Param(w_enc)
+    module.W_dec = nnx.Param(w_dec)
+    module.b_enc = nnx.Param(jnp.zeros((width,), dtype))
+    module.b_dec = nnx.Param(jnp.zeros((d_in,), dtype))
+
+
 class JumpReLUSAE(_SAEBase):
     """JumpReLU SAE (Rajamanoharan et al. 2024) as a Flax NNX module.
 
@@ -293,14 +304,8 @@ class JumpReLUSAE(_SAEBase):
         _check_positive_int("width", width)
         if not isinstance(theta_init, jax.core.Tracer):
             _check_positive("theta_init", theta_init)
-        self.d_in, self.width = d_in, width
         self.log_theta = bool(log_theta)
-        self.apply_b_dec_to_input = bool(apply_b_dec_to_input)
-        w_enc, w_dec = _init_weights(rngs.params(), d_in, width, dtype)
-        self.W_enc = nnx.Param(w_enc)
-        self.W_dec = nnx.Param(w_dec)
-        self.b_enc = nnx.Param(jnp.zeros((width,), dtype))
-        self.b_dec = nnx.Param(jnp.zeros((d_in,), dtype))
+        _init_dictionary(self, rngs, d_in, width, apply_b_dec_to_input, dtype)
         t0 = jnp.full((width,), theta_init, jnp.float32)
         self.theta = nnx.Param((jnp.log(t0) if self.log_theta else t0).astype(dtype))
 
@@ -365,13 +370,8 @@ class TopKSAE(_SAEBase):
         _check_positive_int("k", k)
         if k > width:
             raise ValueError(f"k must be ≤ width, got k={k}, width={width}")
-        self.d_in, self.width, self.k = d_in, width, k
-        self.apply_b_dec_to_input = bool(apply_b_dec_to_input)
-        w_enc, w_dec = _init_weights(rngs.params(), d_in, width, dtype)
-        self.W_enc = nnx.Param(w_enc)
-        self.W_dec = nnx.Param(w_dec)
-        self.b_enc = nnx.Param(jnp.zeros((width,), dtype))
-        self.b_dec = nnx.Param(jnp.zeros((d_in,), dtype))
+        self.k = k
+        _init_dictionary(self, rngs, d_in, width, apply_b_dec_to_input, dtype)
 
     @property
     def threshold(self) -> Array:

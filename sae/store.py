@@ -69,14 +69,11 @@ def _tmp_name(path: Path) -> Path:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: tmp file, fsync, ``os.replace``, fsync folder."""
-    tmp = _tmp_name(path)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    """Write ``data`` to ``path`` atomically (tmp file, fsync, ``os.replace``, fsync folder):
+    the repo's one atomic writer, :func:`sae.io.atomic_write_bytes`."""
+    from .io import atomic_write_bytes as _write
+
+    _write(path, data)
 
 
 class _HashingWriter:

@@ -50,7 +50,7 @@ from jaxsense.driver import METRICS, run
 from jaxsense.init import small_random_init, spectral_sign_init
 from jaxsense.operators import make_operator
 from jaxsense.problems import OUTLIER_DISTRIBUTIONS, make_problem
-from jaxsense.solvers import STEP_KINDS, StepRule, make_solver
+from jaxsense.solvers import STEP_KINDS, StepRule, _check_filter_dtype, make_solver
 
 AXES = ("p", "r_search", "alpha", "eta", "rho", "outlier_scale", "nu", "seed")
 DEFAULTS = {"p": 0.0, "r_search": None, "alpha": 1e-15, "eta": 0.2, "rho": 0.996,
@@ -177,6 +177,7 @@ def sweep(grid: dict, *, key=None, d: int = 20, r: int = 3, m: int = 500,
           num_steps: int = 6000, record_every: int = 20, metrics=("rel_fro_error",),
           dtype=None, devices=None, precision: str | None = None,
           share_operator: bool = True, power_squarings: int = 10,
+          power_filter_dtype: str | None = "float32",
           progress: bool = False, num_chunks: int | None = None,
           prepare_only: bool = False) -> SweepResult:
     """Run every instance of ``grid`` (see module docstring) as one sharded, vmapped scan.
@@ -196,6 +197,7 @@ def sweep(grid: dict, *, key=None, d: int = 20, r: int = 3, m: int = 500,
         raise ValueError(f"method={method!r}: expected one of {METHODS}")
     if init not in INITS:
         raise ValueError(f"init={init!r}: expected one of {INITS}")
+    power_filter_dtype = _check_filter_dtype(power_filter_dtype)
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r}: expected one of {PRECISIONS}")
     if outlier_distribution not in OUTLIER_DISTRIBUTIONS:
@@ -273,7 +275,7 @@ def sweep(grid: dict, *, key=None, d: int = 20, r: int = 3, m: int = 500,
         shared_op, k_inst, dev["seed"], dev["p"], dev["outlier_scale"], dev["nu"], dev["alpha"],
         dev["r_search"])
     solver = make_solver(StepRule(eta=dev["eta"], rho=dev["rho"], kind=step), loss,
-                         power_squarings=power_squarings)
+                         power_squarings=power_squarings, power_filter_dtype=power_filter_dtype)
     in_axes = {"solver": 0, "U0": 0, "y": 0, "truth": 0}
     op = shared_op if share_operator else ops
     if not share_operator:

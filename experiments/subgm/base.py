@@ -73,6 +73,12 @@ def final_stats(x) -> dict:
     return {"median": float(np.median(x)), "min": float(x.min()), "max": float(x.max())}
 
 
+def spread(x, spec: str = ".2e") -> str:
+    """'median M [min, max]' of per-seed final values, as every figure's summary prints it."""
+    st = final_stats(x)
+    return f"median {st['median']:{spec}} [{st['min']:{spec}}, {st['max']:{spec}}]"
+
+
 def fmt(x) -> str:
     return f"{x:.2e}"
 

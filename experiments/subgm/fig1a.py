@@ -60,8 +60,7 @@ def plot(data: dict, path):
 
 def summary(data: dict):
     for rs, f in zip(data["r_search"], data["final"]):
-        st = base.final_stats(f)
-        yield f"r'={rs:2d}  final ‖UUᵀ−X*‖_F: median {st['median']:.2e} [{st['min']:.2e}, {st['max']:.2e}]"
+        yield f"r'={rs:2d}  final ‖UUᵀ−X*‖_F: {base.spread(f)}"
 
 
 def claims(data: dict):

@@ -92,8 +92,7 @@ def plot(data: dict, path):
 
 def summary(data: dict):
     for p, f in zip(data["p"], data["final"]):
-        st = base.final_stats(f)
-        yield f"p={p:.1f}  final ‖UUᵀ−X*‖_F: median {st['median']:.2e} [{st['min']:.2e}, {st['max']:.2e}]"
+        yield f"p={p:.1f}  final ‖UUᵀ−X*‖_F: {base.spread(f)}"
     slow = data.get("slow")
     if slow:
         for p, rs, f in zip(slow["p"], slow["r_search"], slow["final"]):

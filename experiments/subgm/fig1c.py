@@ -71,8 +71,7 @@ def plot(data: dict, path, ylabel=r"$\|UU^\top - X^*\|_F$", title=None):
 
 def summary(data: dict):
     for a, f in zip(data["alpha"], data["final"]):
-        st = base.final_stats(f)
-        yield f"α={a:7.0e}  final error: median {st['median']:.2e} [{st['min']:.2e}, {st['max']:.2e}]"
+        yield f"α={a:7.0e}  final error: {base.spread(f)}"
 
 
 def alpha_claims(fig, data, what):

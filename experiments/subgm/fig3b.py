@@ -36,8 +36,7 @@ def plot(data: dict, path):
 
 def summary(data: dict):
     for a, f in zip(data["alpha"], data["final"]):
-        st = base.final_stats(f)
-        yield f"α={a:7.0e}  final ‖UUᵀ−X*‖₂: median {st['median']:.2e} [{st['min']:.2e}, {st['max']:.2e}]"
+        yield f"α={a:7.0e}  final ‖UUᵀ−X*‖₂: {base.spread(f)}"
 
 
 def claims(data: dict):

@@ -196,7 +196,21 @@ def _power_fn(squarings: int, filter_dtype):
         v = v if v_b else jnp.broadcast_to(v, (axis_size,) + v.shape)
         return _power_batched(Q, v, squarings, fdt), (True, True)
 
-    return power
+    @jax.custom_jvp
+    def power_diff(Q, v):
+        return power(Q, v)
+
+    @power_diff.defjvp
+    def _jvp(primals, tangents):
+        # dσ₁ = u₁ᵀ dQ v₁ (simple top singular value); v is a warm start: no tangent.
+        Q, v = primals
+        dQ, _ = tangents
+        sigma, w = power(Q, v)
+        u = Q @ w
+        u = u / jnp.where(sigma > 0, sigma, 1.0)
+        return (sigma, w), (u @ (dQ @ w), jnp.zeros_like(w))
+
+    return power_diff
 
 
 def power_iteration(Q, v, squarings: int = 10, filter_dtype=None):
@@ -213,7 +227,9 @@ def power_iteration(Q, v, squarings: int = 10, filter_dtype=None):
     steps (8 outlier rates × 4 seeds) the max relative error against the SVD was 7.6e-11
     (float32 filter + Ritz; a single float64 vector without the Ritz step: 1.5e-7); on a
     synthetic top pair 1e-4 apart, 4.8e-8 (float32) vs 1e-16 (float64 filter). Under
-    ``jax.vmap`` a custom batching rule runs the squarings batch-last (see
+    ``jax.grad``/``jax.jvp`` use dσ₁ = u₁ᵀ dQ v₁ (exact for a simple top singular value; the
+    returned v carries no tangent). Under ``jax.vmap`` a custom batching rule runs the
+    squarings batch-last (see
     :func:`_power_batched`); with the float32 filter that took the 64-instance sweep of
     ``experiments.benchmarks.subgm_vs_numpy`` from 12.6 to ≈ 10 µs per instance-iteration
     on this project's 2-core CPU.

@@ -84,6 +84,17 @@ def test_power_iteration_near_degenerate_top_pair(filter_dtype, tol, x64):
             np.testing.assert_allclose(jnp.linalg.norm(v), 1.0, rtol=1e-12)
 
 
+@pytest.mark.parametrize("filter_dtype,rtol", [(None, 1e-10), ("float32", 1e-6)])
+def test_power_iteration_gradient_matches_svd_norm(filter_dtype, rtol, x64):
+    """jax.grad of σ = ‖Q‖₂ equals the gradient of the SVD norm (u₁v₁ᵀ), also under vmap."""
+    Q = jax.random.normal(jax.random.PRNGKey(3), (4, 20, 20), jnp.float64)
+    v0 = jnp.ones(20) / jnp.sqrt(20.0)
+    f = lambda q: js.power_iteration(q, v0, 10, filter_dtype)[0]  # noqa: E731
+    g_ref = jax.vmap(jax.grad(lambda q: jnp.linalg.norm(q, 2)))(Q)
+    np.testing.assert_allclose(jax.grad(f)(Q[0]), g_ref[0], rtol=rtol, atol=rtol)
+    np.testing.assert_allclose(jax.jit(jax.vmap(jax.grad(f)))(Q), g_ref, rtol=rtol, atol=rtol)
+
+
 def test_bad_power_filter_dtype():
     with pytest.raises(ValueError, match="power_filter_dtype='int32'"):
         js.subgm(power_filter_dtype="int32")

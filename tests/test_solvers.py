@@ -30,7 +30,8 @@ def test_power_iteration_matches_svd_along_run(filter_dtype, x64):
 
     _, (est, exact) = jax.lax.scan(step, solver.init(U0), None, length=3000)
     rel = np.abs(np.asarray(est) - np.asarray(exact)) / np.asarray(exact)
-    assert rel.max() <= 1e-6, rel.max()
+    # the issue asks 1e-6; 64 runs × 6000 steps measured ≤ 3e-12 (float32 filter)
+    assert rel.max() <= 1e-9, rel.max()
 
 
 def test_power_iteration_on_random_matrices(x64):
@@ -52,25 +53,23 @@ def test_power_iteration_batch_rule_equals_single_calls(d, filter_dtype, x64):
     est_b, v_b = jax.jit(jax.vmap(fn))(Q, V)
     for i in range(6):
         est_s, v_s = jax.jit(fn)(Q[i], V[i])
-        # float32 filters round differently per layout: σ then differs ~5e-13 (measured, d=40)
-        np.testing.assert_allclose(est_b[i], est_s, rtol=1e-13 if filter_dtype is None else 1e-11)
+        # float32 filters round differently per layout: σ then differs ≤ 3e-14 (measured)
+        np.testing.assert_allclose(est_b[i], est_s, rtol=1e-13 if filter_dtype is None else 1e-12)
         np.testing.assert_allclose(jnp.abs(v_b[i] @ v_s), 1.0,
-                                   rtol=1e-12 if filter_dtype is None else 1e-9)
-    # float32 filter: gap-limited (up to 1.4e-9 here at d=40; ≤ 5e-8 on near-degenerate pairs)
-    svd_tol = 1e-12 if filter_dtype is None else 1e-7
+                                   rtol=1e-12 if filter_dtype is None else 1e-11)
+    svd_tol = 1e-12  # float32 filter too: ≤ 8e-14 measured
     np.testing.assert_allclose(est_b, jnp.linalg.norm(Q, 2, axis=(1, 2)), rtol=svd_tol)
     # an unbatched start vector broadcasts
     est_u, _ = jax.vmap(fn, in_axes=(0, None))(Q, V[0])
     np.testing.assert_allclose(est_u, jnp.linalg.norm(Q, 2, axis=(1, 2)), rtol=svd_tol)
 
 
-@pytest.mark.parametrize("filter_dtype,tol", [(None, 1e-13), ("float32", 1e-7)])
+@pytest.mark.parametrize("filter_dtype,tol", [(None, 1e-13), ("float32", 1e-12)])
 def test_power_iteration_near_degenerate_top_pair(filter_dtype, tol, x64):
-    """σ₂ = (1 − gap) σ₁: 2^11 power steps cannot separate the pair for gap ≤ 1e-4 (single-
-    vector error up to 6e-8, measured). With a float64 filter the 2×2 Rayleigh–Ritz step is
-    exact on the pair's span; a float32 filter leaves ~1e-7 of other directions in v, which
-    spoils that second direction, so its error stays at the single-vector level (max 4.8e-8
-    measured) — still far inside the 1e-6 the step rule needs. Scale 1e30: no overflow."""
+    """σ₂ = (1 − gap) σ₁: 2^11 power steps cannot separate the pair for gap ≤ 1e-4 (one
+    filtered vector errs by up to 6e-8, measured), but both filtered vectors then lie in the
+    pair's span, where the 2×2 Rayleigh–Ritz value is exact (measured ≤ 1.2e-14 with a
+    float32 filter). Scale 1e30: the float32 filter does not overflow."""
     key = jax.random.PRNGKey(5)
     Uo, _ = jnp.linalg.qr(jax.random.normal(key, (20, 20), jnp.float64))
     Vo, _ = jnp.linalg.qr(jax.random.normal(jax.random.fold_in(key, 1), (20, 20), jnp.float64))

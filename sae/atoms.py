@@ -689,36 +689,44 @@ def theory_check(x, D, codes, S=None, *, tau: float | None = None) -> dict:
 
 def match_atoms(D_true, W_dec) -> dict:
     """Greedy-free matching of planted atoms (columns of D_true (H, N)) to learned decoder rows
-    W_dec (M, H) by best absolute cosine. Returns {"index" (N,), "cos" (N,)} per true atom."""
+    W_dec (M, H) by best ABSOLUTE cosine (an atom is a direction up to sign: a row −c·d_i
+    matches d_i). Returns, per true atom, {"index" (N,) the matched row, "abs_cos" (N,) its
+    |cos| ∈ [0, 1], "cos" (N,) the signed cosine of that match (−1: found negated)}."""
     Dt = np.asarray(D_true, np.float64)
     W = np.asarray(W_dec, np.float64)
+    if Dt.ndim != 2 or W.ndim != 2:
+        raise ValueError(f"D_true must be (H, N) and W_dec (M, H); got shapes {Dt.shape} and "
+                         f"{W.shape}")
     if W.shape[1] != Dt.shape[0]:
         raise ValueError(f"W_dec has width {W.shape[1]} but D_true has H = {Dt.shape[0]} rows "
                          f"(dictionary width mismatch)")
     Dt = Dt / np.maximum(np.linalg.norm(Dt, axis=0, keepdims=True), 1e-30)
     Wn = W / np.maximum(np.linalg.norm(W, axis=1, keepdims=True), 1e-30)
     C = Wn @ Dt  # (M, N)
-    idx = np.argmax(C, axis=0)
-    return {"index": idx, "cos": C[idx, np.arange(Dt.shape[1])]}
+    idx = np.argmax(np.abs(C), axis=0)
+    cos = C[idx, np.arange(Dt.shape[1])]
+    return {"index": idx, "cos": cos, "abs_cos": np.abs(cos)}
 
 
 def planted_support_recovery(D_true, W_dec, codes_true, codes_learned, *,
                              min_cos: float = 0.9) -> dict:
     """Support recovery of a TRAINED SAE on planted data: each planted atom is matched to its
-    best learned latent (:func:`match_atoms`); a sample counts as recovered when the set of
-    firing latents equals exactly the matched latents of its planted support (and every one of
-    those atoms was found with cosine ≥ ``min_cos``). Returns rates and the atom-match stats."""
+    best learned latent (:func:`match_atoms`, by |cos|: a latent whose decoder row is a
+    negated atom counts, firing is judged by code ≠ 0 whatever its sign); a sample counts as
+    recovered when the set of firing latents equals exactly the matched latents of its planted
+    support (and every one of those atoms was found with |cos| ≥ ``min_cos``). Returns rates
+    and the atom-match stats (``cos_median``: median |cos| of the matches)."""
     m = match_atoms(D_true, W_dec)
     ct = np.asarray(codes_true) != 0
     cl = np.asarray(codes_learned) != 0
     if ct.shape[0] != cl.shape[0]:
         raise ValueError(f"codes_true and codes_learned need the same number of samples; got "
                          f"{ct.shape[0]} and {cl.shape[0]}")
-    found = m["cos"] >= min_cos
+    found = m["abs_cos"] >= min_cos
     want = np.zeros_like(cl)
     for b in range(ct.shape[0]):
         want[b, m["index"][ct[b]]] = True
     ok = np.all(want == cl, axis=1) & np.all(found[None, :] | ~ct, axis=1)
     return {"support_recovery": float(ok.mean()), "atoms_found": float(found.mean()),
-            "cos_median": float(np.median(m["cos"])),
+            "cos_median": float(np.median(m["abs_cos"])),
             "l0_learned": float(cl.sum(1).mean()), "l0_true": float(ct.sum(1).mean())}

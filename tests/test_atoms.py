@@ -188,3 +188,26 @@ def test_l1_recoverability_planted_and_rip():
     rip = at.rip_estimate(D, None, 2, key=jax.random.key(0), n_supports=256)
     assert rip["delta_sampled"] <= rip["gershgorin_bound"] + 1e-6
     np.testing.assert_allclose(rip["gershgorin_bound"], 0.25, atol=1e-6)
+
+
+def test_match_atoms_sign_flipped_and_permuted():
+    """Atoms are directions: a learned decoder holding the planted atoms permuted, rescaled
+    and with some negated must match every planted atom to its own row with |cos| = 1."""
+    _, D, codes = at.planted_data(jax.random.key(5), H=16, N=32, K=2, n=64)
+    rng = np.random.default_rng(7)
+    perm = rng.permutation(32)
+    signs = np.where(rng.random(32) < 0.5, -1.0, 1.0)
+    signs[:2] = [-1.0, 1.0]  # at least one of each
+    W_dec = (signs[:, None] * 3.0 * D.T[perm]).astype(np.float32)  # row j = ±3 d_{perm[j]}
+    m = at.match_atoms(D, W_dec)
+    np.testing.assert_array_equal(perm[m["index"]], np.arange(32))
+    np.testing.assert_allclose(m["abs_cos"], 1.0, atol=1e-6)
+    np.testing.assert_allclose(m["cos"], signs[m["index"]], atol=1e-6)  # the sign is kept
+    # supports are compared as sets of firing latents, so the sign-flipped latents (firing
+    # with negative codes) recover every planted support
+    learned = codes[:, perm] * signs[None, :] / 3.0
+    rec = at.planted_support_recovery(D, W_dec, codes, learned)
+    assert rec["support_recovery"] == 1.0 and rec["atoms_found"] == 1.0
+    # a dictionary of unrelated directions finds nothing at min_cos = 0.9
+    W_rand = rng.standard_normal((32, 16)).astype(np.float32)
+    assert at.planted_support_recovery(D, W_rand, codes, learned)["atoms_found"] < 0.5

@@ -75,3 +75,9 @@ def check_float_dtype(name: str, x, dtype=None) -> None:
         raise TypeError(f"{name}: expected a floating-point array, got dtype {dt}")
     if dtype is not None and dt != np.dtype(dtype):
         raise TypeError(f"{name}: expected dtype {np.dtype(dtype)} (to match the operator), got {dt}")
+
+
+def check_choice(name: str, value, choices) -> None:
+    """``value`` must be one of ``choices`` (compared with ``in``)."""
+    if value not in tuple(choices):
+        raise ValueError(f"{name}={value!r}: expected one of {tuple(choices)!r}")

@@ -45,6 +45,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from .mesh import make_mesh as _make_mesh
+
 from jaxsense import _checks
 from jaxsense.driver import METRICS, run
 from jaxsense.init import small_random_init, spectral_sign_init
@@ -161,7 +163,7 @@ def make_mesh(devices=None) -> Mesh:
     devices = list(jax.devices() if devices is None else devices)
     if not devices:
         raise ValueError("devices=[]: expected at least one device")
-    return Mesh(np.array(devices), ("batch",))
+    return _make_mesh((len(devices),), ("batch",), devices)
 
 
 def _pad(x, n_pad):

@@ -8,3 +8,5 @@ from .activations import ActivationStore, Moments, cache_activations, default_co
 # --- atoms analysis (issue 6): AIP, coherence/uniqueness/q*, R², RIP, ℓ1 recoverability ---
 from . import atoms  # noqa: E402,F401
 from .atoms import aip_from_moment, second_moment, unit_metrics, whiten  # noqa: E402,F401
+# models (embedded SmolLM2-135M / MiniLM loader) and splice evals; neither imports torch here
+from . import evals, models  # noqa: E402,F401

@@ -148,10 +148,19 @@ def _peek_texts(source: TextSource) -> Iterator[str]:
 
 
 def _resolve_model_name(model) -> str:
+    """A name/folder transformers can load: the embedded names of :mod:`sae.models`
+    (``"smollm2-135m"``, ``"minilm"``) map to their local folders (SmolLM2's float32 cache
+    is built on first use); an existing folder must hold a config.json; anything else is
+    taken as a Hugging Face Hub name."""
     if isinstance(model, os.PathLike):
         model = os.fspath(model)
     if not isinstance(model, str) or not model:
-        raise TypeError(f"model={model!r}: expected a Hugging Face model name or a local path")
+        raise TypeError(f"model={model!r}: expected a Hugging Face model name, a local path "
+                        f"or an embedded name such as 'smollm2-135m' / 'minilm'")
+    from sae import models
+
+    if models._canonical(model) is not None:
+        return models.local_path(model)
     p = Path(model).expanduser()
     if p.exists():
         if not (p / "config.json").is_file():
@@ -415,7 +424,9 @@ def cache_activations(
     """Cache the residual stream after blocks ``layers`` of ``model`` over ``texts``.
 
     Args:
-      model: Hugging Face model name (e.g. ``"google/gemma-2-2b"``) or local folder.
+      model: embedded name (``"smollm2-135m"``: the paper-style causal LM of this repo,
+        ``"minilm"``: the small encoder for fast tests; see :mod:`sae.models`), Hugging
+        Face model name (e.g. ``"google/gemma-2-2b"``) or local folder.
       texts: ``None``/``"default"`` (stdlib docstrings, offline), a file/folder path,
         ``"hf:<dataset>[:<config>][@<split>]"``, a :class:`sae.corpus.TextSource`, or any
         iterable of str. Order is the cache order.

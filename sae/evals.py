@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 
-__all__ = ["splice_eval", "whitened_sae"]
+__all__ = ["splice_eval", "splice_eval_many", "whitened_sae"]
 
 
 def _is_int(x) -> bool:
@@ -90,26 +90,27 @@ def _as_jax_params(params, name: str) -> dict:
     return {key: jnp.asarray(v, jnp.float32) for key, v in params.items()}
 
 
-def _sae_fns(sae, k, apply_b_dec_to_input, H: int) -> tuple[Callable, Callable]:
+def _sae_fns(sae, k, apply_b_dec_to_input, H: int, arg: str = "sae"
+             ) -> tuple[Callable, Callable]:
     """Normalise the accepted SAE forms to (encode(x (n, H)) → f, decode(f) → x̂ (n, H))."""
     if isinstance(sae, Mapping):
         from sae.model import decode, encode
 
-        p = _as_jax_params(sae, "sae")
+        p = _as_jax_params(sae, arg)
         if p["W_dec"].ndim != 2 or p["W_dec"].shape[1] != H or p["W_enc"].shape[0] != H:
-            raise ValueError(f"sae: W_enc {tuple(p['W_enc'].shape)}, W_dec "
+            raise ValueError(f"{arg}: W_enc {tuple(p['W_enc'].shape)}, W_dec "
                              f"{tuple(p['W_dec'].shape)}; expected (H, M) and (M, H) with the "
                              f"model's hidden size H = {H}")
         if k is None and "threshold" not in p:
-            raise ValueError("sae: no 'threshold' (JumpReLU) and k=None; expected a threshold "
-                             "or k for a TopK SAE")
+            raise ValueError(f"{arg}: no 'threshold' (JumpReLU) and k=None; expected a "
+                             f"threshold or k for a TopK SAE")
         return (lambda x: encode(p, x, k=k, apply_b_dec_to_input=apply_b_dec_to_input),
                 lambda f: decode(p, f))
     if isinstance(sae, (tuple, list)) and len(sae) == 2 and all(map(callable, sae)):
         return sae[0], sae[1]
     if callable(getattr(sae, "encode", None)) and callable(getattr(sae, "decode", None)):
         return sae.encode, sae.decode
-    raise TypeError(f"sae={type(sae).__name__}: expected a params dict (W_enc, W_dec, b_enc, "
+    raise TypeError(f"{arg}={type(sae).__name__}: expected a params dict (W_enc, W_dec, b_enc, "
                     f"b_dec, threshold), a pair (encode, decode) of callables, or an object "
                     f"with encode/decode methods")
 
@@ -166,6 +167,20 @@ def splice_eval(model, tokenizer, texts: Iterable[str], layer: int, sae, *,
 
     Raises (before any forward pass): TypeError / ValueError naming the argument.
     """
+    return splice_eval_many(model, tokenizer, texts, layer, {"sae": sae}, k=k,
+                            apply_b_dec_to_input=apply_b_dec_to_input, batch_size=batch_size,
+                            context_length=context_length, exclude_special=exclude_special,
+                            progress=progress, _arg="sae")["sae"]
+
+
+def splice_eval_many(model, tokenizer, texts: Iterable[str], layer: int, saes: Mapping, *,
+                     k: int | None = None, apply_b_dec_to_input: bool = True,
+                     batch_size: int = 8, context_length: int = 128,
+                     exclude_special: bool | Iterable[int] = True, progress: bool = True,
+                     _arg: str = "saes") -> dict:
+    """:func:`splice_eval` for several SAEs of one layer, ``saes`` = {name: sae}: the clean
+    and zero-ablated passes are shared (2 + len(saes) forward passes per batch). Returns
+    {name: result dict of :func:`splice_eval`}."""
     import torch
 
     # ------------------------------------------------------------------ validation
@@ -194,7 +209,11 @@ def splice_eval(model, tokenizer, texts: Iterable[str], layer: int, sae, *,
     if bad:
         raise TypeError(f"texts: element {bad[0]} is {type(texts[bad[0]]).__name__}, "
                         f"expected str")
-    encode_fn, decode_fn = _sae_fns(sae, k, apply_b_dec_to_input, H)
+    if not isinstance(saes, Mapping) or not saes:
+        raise TypeError(f"saes={type(saes).__name__}: expected a non-empty dict name → SAE")
+    fns = {name: _sae_fns(s, k, apply_b_dec_to_input, H,
+                          _arg if _arg == "sae" else f"saes[{name!r}]")
+           for name, s in saes.items()}
     from sae.cache import _special_ids, find_blocks
 
     special = _special_ids(tokenizer, exclude_special)
@@ -208,8 +227,8 @@ def splice_eval(model, tokenizer, texts: Iterable[str], layer: int, sae, *,
     # ------------------------------------------------------------------ passes
     hook = _Hook()
     handle = blocks[layer].register_forward_hook(hook)
-    acc = {key: 0.0 for key in ("ce_clean", "ce_spliced", "ce_zero", "kl_spliced", "kl_zero",
-                                "sse")}
+    shared = {"ce_clean": 0.0, "ce_zero": 0.0, "kl_zero": 0.0}
+    per = {name: {"ce_spliced": 0.0, "kl_spliced": 0.0, "sse": 0.0} for name in fns}
     n_tok = n_rows = 0
     sum_x = np.zeros(H, np.float64)
     sum_x2 = 0.0
@@ -231,7 +250,7 @@ def splice_eval(model, tokenizer, texts: Iterable[str], layer: int, sae, *,
                 count = keep[:, :-1] & att[:, 1:]  # prediction at t of the token at t + 1
                 if not bool(count.any()):
                     continue
-                target = ids[:, 1:][count]
+                target = ids[:, 1:][count][:, None]
 
                 def logprobs():
                     logits = model(input_ids=ids, attention_mask=att.long()).logits
@@ -239,25 +258,28 @@ def splice_eval(model, tokenizer, texts: Iterable[str], layer: int, sae, *,
 
                 hook.replace = False
                 lp_clean = logprobs()
-                x = hook.captured[keep].float().cpu().numpy()
-                x_hat = np.array(decode_fn(encode_fn(x)), dtype=np.float32)  # writable copy
-                if x_hat.shape != x.shape:
-                    raise ValueError(f"sae: decode(encode(x)) has shape {x_hat.shape} for x "
-                                     f"{x.shape}; expected the same shape")
-                hook.replace, hook.keep = True, keep
-                hook.value = torch.from_numpy(x_hat)
-                lp_spl = logprobs()
-                hook.value = torch.zeros_like(hook.value)
-                lp_zero = logprobs()
-                hook.replace, hook.value = False, None
                 p_clean = lp_clean.exp()
-                for name, lp in (("clean", lp_clean), ("spliced", lp_spl), ("zero", lp_zero)):
-                    acc["ce_" + name] -= float(lp.gather(1, target[:, None]).double().sum())
-                acc["kl_spliced"] += float((p_clean * (lp_clean - lp_spl)).sum(-1).double().sum())
-                acc["kl_zero"] += float((p_clean * (lp_clean - lp_zero)).sum(-1).double().sum())
+                x = hook.captured[keep].float().cpu().numpy()
+                hook.replace, hook.keep = True, keep
+                hook.value = torch.zeros(x.shape, dtype=torch.float32)
+                lp = logprobs()
+                shared["ce_clean"] -= float(lp_clean.gather(1, target).double().sum())
+                shared["ce_zero"] -= float(lp.gather(1, target).double().sum())
+                shared["kl_zero"] += float((p_clean * (lp_clean - lp)).sum(-1).double().sum())
+                for name, (encode_fn, decode_fn) in fns.items():
+                    x_hat = np.array(decode_fn(encode_fn(x)), dtype=np.float32)  # writable
+                    if x_hat.shape != x.shape:
+                        raise ValueError(f"{_arg}[{name!r}]: decode(encode(x)) has shape "
+                                         f"{x_hat.shape} for x {x.shape}; expected the same")
+                    hook.value = torch.from_numpy(x_hat)
+                    lp = logprobs()
+                    a = per[name]
+                    a["ce_spliced"] -= float(lp.gather(1, target).double().sum())
+                    a["kl_spliced"] += float((p_clean * (lp_clean - lp)).sum(-1).double().sum())
+                    a["sse"] += float(((x.astype(np.float64) - x_hat) ** 2).sum())
+                hook.replace, hook.value, hook.captured = False, None, None
                 n_tok += int(count.sum())
                 x64 = x.astype(np.float64)
-                acc["sse"] += float(((x64 - x_hat) ** 2).sum())
                 sum_x += x64.sum(0)
                 sum_x2 += float((x64 ** 2).sum())
                 n_rows += x.shape[0]
@@ -266,12 +288,15 @@ def splice_eval(model, tokenizer, texts: Iterable[str], layer: int, sae, *,
     if n_tok == 0:
         raise ValueError("texts: no position with a next token to predict after excluding "
                          "special tokens; expected texts of at least two kept tokens")
-    out = {key: acc[key] / n_tok for key in ("ce_clean", "ce_spliced", "ce_zero",
-                                             "kl_spliced", "kl_zero")}
-    gap = out["ce_zero"] - out["ce_clean"]
-    out["ce_loss_recovered"] = (out["ce_zero"] - out["ce_spliced"]) / gap if gap != 0 \
-        else float("nan")
+    base = {key: v / n_tok for key, v in shared.items()}
     sst = sum_x2 - float(sum_x @ sum_x) / max(n_rows, 1)
-    out["r2"] = 1.0 - acc["sse"] / sst if sst > 0 else float("nan")
-    out.update(n_tokens=n_tok, n_spliced=n_rows, n_texts=len(texts), layer=int(layer))
-    return out
+    gap = base["ce_zero"] - base["ce_clean"]
+    results = {}
+    for name, a in per.items():
+        r = dict(base, ce_spliced=a["ce_spliced"] / n_tok, kl_spliced=a["kl_spliced"] / n_tok)
+        r["ce_loss_recovered"] = (r["ce_zero"] - r["ce_spliced"]) / gap if gap != 0 \
+            else float("nan")
+        r["r2"] = 1.0 - a["sse"] / sst if sst > 0 else float("nan")
+        r.update(n_tokens=n_tok, n_spliced=n_rows, n_texts=len(texts), layer=int(layer))
+        results[name] = r
+    return results

@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 from _cache_worker import make_tiny_model, synthetic_texts  # noqa: E402
 
-from sae.evals import splice_eval, whitened_sae  # noqa: E402
+from sae.evals import splice_eval, splice_eval_many, whitened_sae  # noqa: E402
 
 H = 32
 
@@ -63,6 +63,22 @@ def test_zero_sae_equals_zero_ablation(tiny):
     assert r["ce_spliced"] == pytest.approx(r["ce_zero"], abs=1e-6)
     assert r["ce_loss_recovered"] == pytest.approx(0.0, abs=1e-6)
     assert r["kl_spliced"] == pytest.approx(r["kl_zero"], rel=1e-6)
+
+
+def test_many_shares_clean_and_zero_passes(tiny):
+    model, tok, texts = tiny
+    eye = np.eye(H, dtype=np.float32)
+    many = splice_eval_many(model, tok, texts, 0, {"id": _params(eye, eye),
+                                                   "zero": _params(eye, 0 * eye)},
+                            batch_size=4, progress=False)
+    one = splice_eval(model, tok, texts, 0, _params(eye, 0 * eye), batch_size=4,
+                      progress=False)
+    assert many["id"]["ce_loss_recovered"] == pytest.approx(1.0, abs=1e-6)
+    assert many["zero"]["ce_loss_recovered"] == pytest.approx(0.0, abs=1e-6)
+    for key in ("ce_clean", "ce_zero", "ce_spliced", "kl_spliced", "r2"):
+        assert many["zero"][key] == pytest.approx(one[key], rel=1e-6, abs=1e-9)
+    with pytest.raises(ValueError, match=r"saes\['bad'\]: W_enc"):
+        splice_eval_many(model, tok, texts, 0, {"bad": _params(np.eye(8), np.eye(8))})
 
 
 def test_matches_direct_computation(tiny):

@@ -1,10 +1,10 @@
 """The atoms paper, end to end: ``python -m experiments.atoms.run``.
 
-Caches the residual stream of every layer of a model (default: the embedded
-all-MiniLM-L6-v2, offline), trains per layer a vmapped λ sweep of each unit variant
-(Euclidean "features", AIP "atoms" with whitened inputs and with the tied encoder
-W_enc = S̃D), runs the atoms analysis and writes results/atoms/{table.md, table.json,
-angles.png, units_per_layer.png}.
+Caches the residual stream of every layer of a model (default: the embedded SmolLM2-135M,
+``--model smollm2-135m``, offline; ``--model minilm`` for all-MiniLM-L6-v2), trains per
+layer a vmapped λ sweep of each unit variant (Euclidean "features", AIP "atoms" with
+whitened inputs and with the tied encoder W_enc = S̃D), runs the atoms analysis and
+writes results/atoms/{table.md, table.json, angles.png, units_per_layer.png}.
 
 Full scale (the paper's Gemma2-2B; needs the weights and a GPU):
     python -m experiments.atoms.run --model google/gemma-2-2b --device cuda \
@@ -27,7 +27,9 @@ def _floats(s):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="HF name or path (default: embedded MiniLM)")
+    ap.add_argument("--model", default="smollm2-135m",
+                    help="embedded 'smollm2-135m' (default: SmolLM2-135M, Q4_1 GGUF dequantised) "
+                         "or 'minilm' (all-MiniLM-L6-v2), or an HF name / local folder")
     ap.add_argument("--layers", default=None, help="comma list (default: every layer)")
     ap.add_argument("--texts", default=None, help="corpus: path, hf:<dataset>, default offline")
     ap.add_argument("--max-tokens", type=int, default=12_000)
@@ -49,6 +51,10 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
     gs = {int(k): v for k, v in (s.split("=", 1) for s in a.gemma_scope)} or None
+    if a.model.lower().startswith("smollm2"):  # embedded GGUF model → its float32 cache folder
+        from sae import models
+
+        a.model = models.local_path(a.model, progress=True)
     cfg = AtomsConfig(
         model=a.model, layers=None if a.layers is None else tuple(int(v) for v in a.layers.split(",")),
         texts=a.texts, max_tokens=a.max_tokens, context_length=a.context_length,

@@ -43,7 +43,7 @@ from flax import struct
 from jaxsense import _checks
 from jaxsense.operators import Operator, make_operator
 from jaxsense.problems import OUTLIER_DISTRIBUTIONS, gaussian_noise, outlier_noise
-from jaxsense.solvers import _start_vector, power_iteration
+from jaxsense.solvers import _start_vector, geometric_step, power_iteration
 
 METHODS = ("subgm", "scaledsm")
 STEPS = ("geometric", "polyak")
@@ -211,8 +211,7 @@ class AsymSolver:
             eta_t = self.eta * eta_t
         else:
             q_norm, v = power_iteration(Q, v, self.power_squarings)
-            rho_t = self.rho.astype(dt) ** t.astype(dt)
-            eta_t = jnp.where(q_norm > 0, self.eta * rho_t / jnp.where(q_norm > 0, q_norm, 1.0), 0.0)
+            eta_t = geometric_step(self.eta, self.rho, t, q_norm, dt)
         eta_t = eta_t.astype(dt)
         return FactorState(L - eta_t * DL, R - eta_t * DR, t + 1, v), FactorInfo(f, eta_t)
 

@@ -58,6 +58,17 @@ def geometric(eta=0.2, rho=0.996) -> StepRule:
     return StepRule(eta=jnp.asarray(eta), rho=jnp.asarray(rho), kind="geometric")
 
 
+def geometric_step(eta, rho, t, q_norm, dtype):
+    """The step of eq. 10 (Ma & Fattahi, JMLR 24(96), 2023): η_t = η ρ^t / ‖Q_t‖₂.
+
+    ``eta``, ``rho``: the rule's (possibly batched) arrays; ``t``: the integer iteration;
+    ``q_norm``: ‖Q_t‖₂ (any estimate); ρ^t is formed in ``dtype`` (the iterate's). A zero
+    sub-gradient (q_norm = 0) gives step 0 instead of 0/0. Shared by the symmetric solver
+    here and the factored one of :mod:`jaxsense.asymmetric`; pure, jit/vmap-able."""
+    rho_t = rho.astype(dtype) ** t.astype(dtype)
+    return jnp.where(q_norm > 0, eta * rho_t / jnp.where(q_norm > 0, q_norm, 1.0), 0.0)
+
+
 def polyak(eta=1.0) -> StepRule:
     """η_t = (η/2) f(U_t) (Thm 22; with the expected loss, §4)."""
     _checks.check_scalar("eta", eta, low=0.0, low_open=True)
@@ -284,8 +295,7 @@ class Solver:
                 q_norm = jnp.linalg.norm(Q, 2)
             else:
                 q_norm, v = power_iteration(Q, v, self.power_squarings, self.power_filter_dtype)
-            rho_t = self.step.rho.astype(U.dtype) ** t.astype(U.dtype)
-            eta_t = jnp.where(q_norm > 0, self.step.eta * rho_t / jnp.where(q_norm > 0, q_norm, 1.0), 0.0)
+            eta_t = geometric_step(self.step.eta, self.step.rho, t, q_norm, U.dtype)
         elif self.step.kind == "polyak":
             q_norm = jnp.zeros((), U.dtype)
             eta_t = 0.5 * self.step.eta * f

@@ -83,6 +83,20 @@ def test_both_methods_reach_1e6_and_batched_equals_single(prob):
     np.testing.assert_allclose(bat.history[0, : len(sc.history)][early], sc.history[early], rtol=1e-6)
 
 
+def test_geometric_step_is_eq10(prob):
+    """SubGM on factors uses the symmetric solver's eq. 10 step: η ρ^t / ‖Q_t‖₂ with
+    Q_t = (1/m) 𝒜*(Sign(𝒜(L Rᵀ) − y)) and its norm from numpy's SVD."""
+    L, R = asy.balanced_small_init(prob.op, prob.y, 3, 1e-3)
+    solver = asy.subgm(0.3, 0.97)
+    state = solver.init(L, R)
+    for t in range(6):
+        res = prob.op.apply(state.L @ state.R.T) - prob.y
+        Q = np.asarray(prob.op.adjoint(jnp.sign(res))) / prob.op.m
+        want = 0.3 * 0.97 ** t / np.linalg.norm(Q, 2)
+        state, info = solver.update(state, prob.op, prob.y)
+        np.testing.assert_allclose(info.step, want, rtol=1e-9)  # power-iteration norm
+
+
 def test_bad_inputs(x64):
     prob = asy.make_asymmetric_problem(KEY, 6, 2, m=40, dtype=jnp.float64)
     with pytest.raises(ValueError, match=r"r=7.*<= 6"):

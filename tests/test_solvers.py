@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import jaxsense as js
-from jaxsense import losses
+from jaxsense import losses, solvers
 
 ETA, RHO, T = 0.2, 0.996, 6000  # reconstructed step constants (see README / subgm.md)
 
@@ -141,6 +141,25 @@ def test_vmap_over_seeds_equals_single_runs(x64):
         np.testing.assert_allclose(batched.state.U[i], single.state.U, rtol=1e-6, atol=1e-9)
         for k in kw["metrics"]:
             np.testing.assert_allclose(batched.history[k][i], single.history[k], rtol=1e-6, atol=1e-12)
+
+
+def test_geometric_step_is_eq10(x64):
+    """η_t = η ρ^t / ‖Q_t‖₂ with ‖Q_t‖₂ from numpy's SVD (independent of the solver), and a
+    zero sub-gradient gives step 0 (not 0/0)."""
+    prob = _paper_problem(2)
+    U0 = js.spectral_sign_init(prob.op, prob.y, 3, 1e-3)
+    solver = js.subgm(js.geometric(0.3, 0.97), norm="svd")
+    state = solver.init(U0)
+    for t in range(6):
+        _, Q = losses.loss_and_q("l1", prob.op, state.U, prob.y)
+        want = 0.3 * 0.97 ** t / np.linalg.norm(np.asarray(Q), 2)
+        state, info = solver.update(state, prob.op, prob.y)
+        np.testing.assert_allclose(info.step, want, rtol=1e-12)
+    eta, rho = jnp.asarray(0.3), jnp.asarray(0.97)
+    assert float(solvers.geometric_step(eta, rho, jnp.asarray(4), jnp.zeros(()), jnp.float64)) == 0.0
+    np.testing.assert_allclose(
+        solvers.geometric_step(eta, rho, jnp.asarray(4), jnp.asarray(2.0), jnp.float64),
+        0.3 * 0.97 ** 4 / 2.0, rtol=1e-15)
 
 
 def test_expected_loss_polyak_is_gd_on_quartic(x64):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numbers
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -81,3 +82,44 @@ def check_choice(name: str, value, choices) -> None:
     """``value`` must be one of ``choices`` (compared with ``in``)."""
     if value not in tuple(choices):
         raise ValueError(f"{name}={value!r}: expected one of {tuple(choices)!r}")
+
+
+def check_names(name: str, values: tuple, allowed) -> None:
+    """Every entry of ``values`` (e.g. the requested metrics) must be in ``allowed``."""
+    bad = [v for v in values if v not in allowed]
+    if bad:
+        raise ValueError(f"{name}={values}: unknown {bad}; expected names from {allowed}")
+
+
+def check_multiple(name: str, value: int, of_name: str, of: int) -> None:
+    if value % of:
+        raise ValueError(f"{name}={value}: expected a multiple of {of_name}={of}")
+
+
+def check_measurements(name: str, y, op) -> None:
+    """A measurement vector of ``op``: shape (op.m,), op's dtype, all entries finite."""
+    check_shape(name, y, (op.m,))
+    check_float_dtype(name, y, op.dtype)
+    check_finite(name, y)
+
+
+def check_operator_dims(op, m: int, d: int, d_name: str = "d") -> None:
+    """A passed-in operator must have the m and d the caller asked for."""
+    if op.m != m or op.d != d:
+        raise ValueError(f"op: expected an operator with m={m}, {d_name}={d}, got m={op.m}, "
+                         f"d={op.d}")
+
+
+def check_filter_dtype(name: str, value):
+    """None (the array's own dtype) or a floating dtype name, e.g. 'float32'; returns the
+    canonical name (or None)."""
+    if value is None:
+        return None
+    try:
+        dt = jnp.dtype(value)
+    except TypeError:
+        dt = None
+    if dt is None or not jnp.issubdtype(dt, jnp.floating):
+        raise ValueError(f"{name}={value!r}: expected None or a floating "
+                         "dtype such as 'float32' or 'float64'")
+    return dt.name

@@ -98,14 +98,12 @@ def make_asymmetric_problem(key, n: int = 100, r: int = 10, m: int | None = None
     _checks.check_int("m", m, low=1)
     _checks.check_scalar("p", p, low=0.0, high=1.0, high_open=True)
     _checks.check_scalar("nu", nu, low=0.0)
-    if outlier_distribution not in OUTLIER_DISTRIBUTIONS:
-        raise ValueError(f"outlier_distribution={outlier_distribution!r}: "
-                         f"expected one of {OUTLIER_DISTRIBUTIONS}")
+    _checks.check_choice("outlier_distribution", outlier_distribution, OUTLIER_DISTRIBUTIONS)
     k_op, k_truth, k_out, k_g = jax.random.split(key, 4)
     if op is None:
         op = make_operator(operator, k_op, m, n, dtype)
-    elif op.m != m or op.d != n:
-        raise ValueError(f"op: expected an operator with m={m}, d=n={n}, got m={op.m}, d={op.d}")
+    else:
+        _checks.check_operator_dims(op, m, n, "d=n")
     truth = asymmetric_truth(k_truth, n, r, kappa, dtype)
     y_clean = op.apply(truth.X_star)
     s = outlier_noise(k_out, y_clean, p, outlier_distribution, outlier_scale)
@@ -122,9 +120,7 @@ def _sign_svd(op, y, k):
 
 def _check_init(op, y, r):
     _checks.check_int("r_search", r, low=1, high=op.d)
-    _checks.check_shape("y", y, (op.m,))
-    _checks.check_float_dtype("y", y, op.dtype)
-    _checks.check_finite("y", y)
+    _checks.check_measurements("y", y, op)
 
 
 def balanced_small_init(op, y, r_search: int, alpha):
@@ -220,8 +216,7 @@ def _make(method, step, eta, rho, f_star, power_squarings):
     _checks.check_scalar("eta", eta, low=0.0, low_open=True)
     _checks.check_scalar("rho", rho, low=0.0, high=1.0, low_open=True)
     _checks.check_scalar("f_star", f_star, low=0.0)
-    if step not in STEPS:
-        raise ValueError(f"step={step!r}: expected one of {STEPS}")
+    _checks.check_choice("step", step, STEPS)
     _checks.check_int("power_squarings", power_squarings, low=0)
     return AsymSolver(eta=jnp.asarray(eta), rho=jnp.asarray(rho), f_star=jnp.asarray(f_star),
                       method=method, step=step, power_squarings=power_squarings)

@@ -115,12 +115,9 @@ def run(solver: Solver, U0, op, y, truth=None, *, num_steps: int, record_every: 
         raise TypeError(f"solver={solver!r}: expected a jaxsense Solver (subgm/gd/make_solver)")
     num_steps = _checks.check_int("num_steps", num_steps, low=1)
     record_every = _checks.check_int("record_every", record_every, low=1)
-    if num_steps % record_every:
-        raise ValueError(f"num_steps={num_steps}: expected a multiple of record_every={record_every}")
+    _checks.check_multiple("num_steps", num_steps, "record_every", record_every)
     metrics = tuple(metrics)
-    bad = [m for m in metrics if m not in METRICS]
-    if bad:
-        raise ValueError(f"metrics={metrics}: unknown {bad}; expected names from {METRICS}")
+    _checks.check_names("metrics", metrics, METRICS)
     if truth is None and (any(m in TRUTH_METRICS for m in metrics) or solver.loss == "expected_l1"):
         raise ValueError("truth=None: the requested metrics (or the expected loss) need the ground truth")
     in_axes = dict(in_axes or {})

@@ -19,9 +19,7 @@ def _check_common(op, y, r_search, alpha):
     d = op.d
     _checks.check_int("r_search", r_search, low=1, high=d)
     _checks.check_scalar("alpha", alpha, low=0.0, low_open=True)
-    _checks.check_shape("y", y, (op.m,))
-    _checks.check_float_dtype("y", y, op.dtype)
-    _checks.check_finite("y", y)
+    _checks.check_measurements("y", y, op)
 
 
 def spectral_sign_init(op, y, r_search: int, alpha):

@@ -180,6 +180,5 @@ def entry_sampling(key, m: int, d: int, dtype=jnp.float32, replace: bool = True)
 def make_operator(kind: str, key, m: int, d: int, dtype=jnp.float32) -> Operator:
     """Build an operator by name: 'gaussian' | 'rank_one' | 'entry'."""
     makers = {"gaussian": dense_gaussian, "rank_one": rank_one, "entry": entry_sampling}
-    if kind not in makers:
-        raise ValueError(f"kind={kind!r}: expected one of {sorted(makers)}")
+    _checks.check_choice("kind", kind, sorted(makers))
     return makers[kind](key, m, d, dtype)

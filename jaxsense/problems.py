@@ -108,8 +108,7 @@ def outlier_noise(key, y_clean, p, distribution: str = "gaussian", scale=10.0):
     y_clean: (m,) = 𝒜(X*). p ∈ [0, 1); ``scale`` as described in the module docstring.
     Returns s: (m,).
     """
-    if distribution not in OUTLIER_DISTRIBUTIONS:
-        raise ValueError(f"distribution={distribution!r}: expected one of {OUTLIER_DISTRIBUTIONS}")
+    _checks.check_choice("distribution", distribution, OUTLIER_DISTRIBUTIONS)
     _checks.check_scalar("p", p, low=0.0, high=1.0, high_open=True)
     _checks.check_scalar("scale", scale, low=0.0)
     kb, kz = jax.random.split(key)
@@ -167,8 +166,8 @@ def make_problem(
     k_op, k_truth, k_out, k_gauss = jax.random.split(key, 4)
     if op is None:
         op = make_operator(operator, k_op, m, d, dtype)
-    elif op.m != m or op.d != d:
-        raise ValueError(f"op: expected an operator with m={m}, d={d}, got m={op.m}, d={op.d}")
+    else:
+        _checks.check_operator_dims(op, m, d)
     if truth is None:
         truth = ground_truth(k_truth, d, spectrum, dtype)
     y_clean = op.apply(truth.X_star)

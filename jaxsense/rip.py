@@ -222,8 +222,7 @@ def l2_rip_constant(op, key, k: int, n_samples: int = 1024, *, mode: str = "rand
     Returns :class:`L2RIPEstimate` (``.delta`` is the estimate).
     """
     _check_common(op, k, n_samples)
-    if mode not in MODES:
-        raise ValueError(f"mode={mode!r}: expected one of {MODES}")
+    _checks.check_choice("mode", mode, MODES)
     _checks.check_int("steps", steps, low=1)
     _checks.check_scalar("lr", lr, low=0.0, low_open=True)
     return _l2_rip(op, key, int(k), int(n_samples), bool(symmetric), mode, int(steps),
@@ -296,16 +295,13 @@ def sign_rip_constant(op, key, k: int, n_samples: int = 256, *, s=None,
     relative step ``lr``). Returns :class:`SignRIPEstimate` (``.delta`` is the estimate).
     """
     _check_common(op, k, n_samples, eps)
-    if mode not in MODES:
-        raise ValueError(f"mode={mode!r}: expected one of {MODES}")
+    _checks.check_choice("mode", mode, MODES)
     _checks.check_scalar("x_scale", x_scale, low=0.0, low_open=True)
     _checks.check_int("steps", steps, low=1)
     _checks.check_scalar("lr", lr, low=0.0, low_open=True)
     if s is not None:
         s = jnp.asarray(s)
-        _checks.check_shape("s", s, (op.m,))
-        _checks.check_float_dtype("s", s, op.dtype)
-        _checks.check_finite("s", s)
+        _checks.check_measurements("s", s, op)
     if phi is None:
         phi = _phi_noiseless
     elif not callable(phi):

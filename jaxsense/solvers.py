@@ -311,30 +311,13 @@ def make_solver(step: StepRule, loss: str, norm: str = "power", power_squarings:
                 power_filter_dtype: str | None = "float32") -> Solver:
     if not isinstance(step, StepRule):
         raise TypeError(f"step={step!r}: expected a StepRule (geometric/polyak/constant)")
-    if step.kind not in STEP_KINDS:
-        raise ValueError(f"step.kind={step.kind!r}: expected one of {STEP_KINDS}")
-    if loss not in LOSSES:
-        raise ValueError(f"loss={loss!r}: expected one of {LOSSES}")
-    if norm not in NORMS:
-        raise ValueError(f"norm={norm!r}: expected one of {NORMS}")
+    _checks.check_choice("step.kind", step.kind, STEP_KINDS)
+    _checks.check_choice("loss", loss, LOSSES)
+    _checks.check_choice("norm", norm, NORMS)
     _checks.check_int("power_squarings", power_squarings, low=0)
-    power_filter_dtype = _check_filter_dtype(power_filter_dtype)
+    power_filter_dtype = _checks.check_filter_dtype("power_filter_dtype", power_filter_dtype)
     return Solver(step=step, loss=loss, norm=norm, power_squarings=power_squarings,
                   power_filter_dtype=power_filter_dtype)
-
-
-def _check_filter_dtype(filter_dtype):
-    """None (Q's own dtype) or a floating dtype name, e.g. 'float32'."""
-    if filter_dtype is None:
-        return None
-    try:
-        dt = jnp.dtype(filter_dtype)
-    except TypeError:
-        dt = None
-    if dt is None or not jnp.issubdtype(dt, jnp.floating):
-        raise ValueError(f"power_filter_dtype={filter_dtype!r}: expected None or a floating "
-                         "dtype such as 'float32' or 'float64'")
-    return dt.name
 
 
 def subgm(step: StepRule | None = None, *, loss: str = "l1", **kw) -> Solver:

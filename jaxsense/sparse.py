@@ -26,6 +26,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxsense import _checks
+
 __all__ = [
     "BPResult",
     "RIPEstimate",
@@ -160,8 +162,7 @@ def support_from_codes(codes, k_max: int, tol: float = 0.0):
     k_max non-zeros are truncated (check ``(codes != 0).sum(-1) <= k_max`` if it matters)."""
     if codes.ndim != 2:
         raise ValueError(f"codes must have shape (B, N); got {codes.shape}")
-    if not (1 <= k_max <= codes.shape[1]):
-        raise ValueError(f"k_max must be in [1, N={codes.shape[1]}]; got {k_max}")
+    _checks.check_int("k_max", k_max, low=1, high=codes.shape[1])
     vals, idx = jax.lax.top_k(jnp.abs(codes), k_max)
     return idx, vals > tol
 
@@ -219,10 +220,8 @@ def rip_constant(D, K: int, key, n_supports: int = 1024, S=None):
     _check_dictionary(D)
     _check_metric(S, D.shape[0])
     N = D.shape[1]
-    if not (1 <= int(K) <= N):
-        raise ValueError(f"K must be in [1, N={N}]; got {K}")
-    if int(n_supports) < 1:
-        raise ValueError(f"n_supports must be >= 1; got {n_supports}")
+    _checks.check_int("K", K, low=1, high=N)
+    _checks.check_int("n_supports", n_supports, low=1)
     return _rip(_gram(D, S), key, int(K), int(n_supports))
 
 
@@ -286,10 +285,8 @@ def basis_pursuit(D, Y, *, S=None, n_iter: int = 500, rho: float = 10.0, nonneg:
     H, N = D.shape
     _check_metric(S, H)
     _check_signals(Y, H)
-    if int(n_iter) < 1:
-        raise ValueError(f"n_iter must be >= 1; got {n_iter}")
-    if not rho > 0:
-        raise ValueError(f"rho must be > 0; got {rho}")
+    _checks.check_int("n_iter", n_iter, low=1)
+    _checks.check_scalar("rho", rho, low=0.0, low_open=True)
     single = Y.ndim == 1
     Y2 = Y[None] if single else Y
     if normalize:
@@ -326,8 +323,8 @@ def lasso_fista(D, Y, lam: float, *, n_iter: int = 500, nonneg: bool = False):
     """LASSO min ½‖Dδ − y‖² + lam‖δ‖₁ by FISTA (Beck & Teboulle 2009), batched. (B, N)."""
     _check_dictionary(D)
     _check_signals(Y, D.shape[0])
-    if not lam >= 0:
-        raise ValueError(f"lam must be >= 0; got {lam}")
+    _checks.check_scalar("lam", lam, low=0.0)
+    _checks.check_int("n_iter", n_iter, low=1)
     single = Y.ndim == 1
     out = _fista(D, Y[None] if single else Y, jnp.asarray(lam, D.dtype), int(n_iter), bool(nonneg))
     return out[0] if single else out
@@ -371,8 +368,7 @@ def omp(D, Y, K: int, *, S=None):
     H, N = D.shape
     _check_metric(S, H)
     _check_signals(Y, H)
-    if not (1 <= int(K) <= min(H, N)):
-        raise ValueError(f"K must be in [1, min(H, N)={min(H, N)}]; got {K}")
+    _checks.check_int("K", K, low=1, high=min(H, N))
     if S is None:
         Dn = _normalize_atoms(D)
         Yw = Y

@@ -52,7 +52,7 @@ from jaxsense.driver import METRICS, run
 from jaxsense.init import small_random_init, spectral_sign_init
 from jaxsense.operators import make_operator
 from jaxsense.problems import OUTLIER_DISTRIBUTIONS, make_problem
-from jaxsense.solvers import STEP_KINDS, StepRule, _check_filter_dtype, make_solver
+from jaxsense.solvers import STEP_KINDS, StepRule, make_solver
 
 AXES = ("p", "r_search", "alpha", "eta", "rho", "outlier_scale", "nu", "seed")
 DEFAULTS = {"p": 0.0, "r_search": None, "alpha": 1e-15, "eta": 0.2, "rho": 0.996,
@@ -195,28 +195,19 @@ def sweep(grid: dict, *, key=None, d: int = 20, r: int = 3, m: int = 500,
     _checks.check_int("d", d, low=1)
     _checks.check_int("r", r, low=1, high=d)
     _checks.check_int("m", m, low=1)
-    if method not in METHODS:
-        raise ValueError(f"method={method!r}: expected one of {METHODS}")
-    if init not in INITS:
-        raise ValueError(f"init={init!r}: expected one of {INITS}")
-    power_filter_dtype = _check_filter_dtype(power_filter_dtype)
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision={precision!r}: expected one of {PRECISIONS}")
-    if outlier_distribution not in OUTLIER_DISTRIBUTIONS:
-        raise ValueError(f"outlier_distribution={outlier_distribution!r}: "
-                         f"expected one of {OUTLIER_DISTRIBUTIONS}")
+    _checks.check_choice("method", method, METHODS)
+    _checks.check_choice("init", init, INITS)
+    power_filter_dtype = _checks.check_filter_dtype("power_filter_dtype", power_filter_dtype)
+    _checks.check_choice("precision", precision, PRECISIONS)
+    _checks.check_choice("outlier_distribution", outlier_distribution, OUTLIER_DISTRIBUTIONS)
     step = step or ("geometric" if method == "subgm" else "constant")
-    if step not in STEP_KINDS:
-        raise ValueError(f"step={step!r}: expected one of {STEP_KINDS}")
+    _checks.check_choice("step", step, STEP_KINDS)
     loss = loss or ("l1" if method == "subgm" else "l2")
     metrics = tuple(metrics)
-    bad = [x for x in metrics if x not in METRICS]
-    if bad:
-        raise ValueError(f"metrics={metrics}: unknown {bad}; expected names from {METRICS}")
+    _checks.check_names("metrics", metrics, METRICS)
     num_steps = _checks.check_int("num_steps", num_steps, low=1)
     record_every = _checks.check_int("record_every", record_every, low=1)
-    if num_steps % record_every:
-        raise ValueError(f"num_steps={num_steps}: expected a multiple of record_every={record_every}")
+    _checks.check_multiple("num_steps", num_steps, "record_every", record_every)
     if dtype is None:
         dtype = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
     dtype = jnp.dtype(dtype)

@@ -173,9 +173,15 @@ def test_bad_input():
         sp.basis_pursuit(D, jnp.ones((3, 5)))
     with pytest.raises(ValueError, match="S must be an"):
         sp.mutual_coherence(D, jnp.eye(5))
-    with pytest.raises(ValueError, match="K must be"):
+    with pytest.raises(ValueError, match=r"K=0: expected an integer >= 1 and <= 6"):
         sp.rip_constant(D, 0, jax.random.key(0))
+    with pytest.raises(TypeError, match=r"K=2.5: expected an integer"):
+        sp.omp(D, jnp.ones(4), 2.5)
+    with pytest.raises(ValueError, match=r"n_iter=0"):
+        sp.lasso_fista(D, jnp.ones(4), 0.1, n_iter=0)
+    with pytest.raises(ValueError, match=r"lam=-1.0"):
+        sp.lasso_fista(D, jnp.ones(4), -1.0)
     with pytest.raises(ValueError, match="2-D dictionary"):
         sp.atom_coherence(jnp.ones(4))
-    with pytest.raises(ValueError, match="rho"):
+    with pytest.raises(ValueError, match=r"rho=0.0: expected a value in \(0.0, inf\]"):
         sp.basis_pursuit(D, jnp.ones(4), rho=0.0)

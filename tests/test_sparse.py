@@ -57,9 +57,32 @@ def test_coherence_under_metric_equals_whitened():
     # blocked computation equals the dense one
     np.testing.assert_allclose(sp.atom_coherence(jnp.asarray(D), jnp.asarray(S), block=3),
                                mu_S, rtol=1e-5)
-    # and the metric the AIP would pick makes D's frame tight: S = (D Dᵀ)⁻¹
+    # the metric the AIP would pick, S = (D Dᵀ)⁻¹, makes the frame tight: the S-Gram
+    # Dᵀ(DDᵀ)⁻¹D is the orthogonal projector P onto D's row space (numpy SVD, independent),
+    # so μ_S = max_{i≠j} |P_ij| / √(P_ii P_jj), and the Welch bound √((N−H)/(H(N−1))) holds
     S2 = np.linalg.inv(D @ D.T)
-    assert float(sp.mutual_coherence(jnp.asarray(D), jnp.asarray(S2))) < 1.0
+    Vt = np.linalg.svd(D, full_matrices=False)[2]
+    P = Vt.T @ Vt
+    C = np.abs(P) / np.sqrt(np.outer(np.diag(P), np.diag(P)))
+    mu_P = np.max(C - np.eye(N) * np.diag(C))
+    mu_S2 = float(sp.mutual_coherence(jnp.asarray(D), jnp.asarray(S2)))
+    np.testing.assert_allclose(mu_S2, mu_P, rtol=1e-5)
+    assert mu_S2 >= np.sqrt((N - H) / (H * (N - 1))) - 1e-6
+
+
+@pytest.mark.parametrize("H", [2, 3, 7])
+def test_simplex_frame_meets_welch_bound(H):
+    """The N = H + 1 simplex frame (centred standard basis of R^{H+1} in an orthonormal basis
+    of its H-dim span) is an equiangular tight frame: μ = 1/H, exactly the Welch bound
+    √((N−H)/(H(N−1))) = 1/H."""
+    N = H + 1
+    E = np.eye(N) - 1.0 / N  # columns: e_i − mean, in the hyperplane Σ = 0
+    B = np.linalg.svd(E)[0][:, :H]  # orthonormal basis of that hyperplane
+    D = jnp.asarray(B.T @ E)  # (H, N)
+    mu = float(sp.mutual_coherence(D))
+    np.testing.assert_allclose(mu, 1.0 / H, rtol=1e-5)
+    np.testing.assert_allclose(mu, np.sqrt((N - H) / (H * (N - 1))), rtol=1e-5)
+    np.testing.assert_allclose(sp.atom_coherence(D), np.full(N, 1.0 / H), rtol=1e-5)
 
 
 @pytest.mark.parametrize("K", [1, 3, 5])

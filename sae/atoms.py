@@ -439,25 +439,33 @@ def _check_codes(D, codes):
 
 
 # ============================================================================ R² / RIP / ℓ1
-def r2(x, x_hat, S=None) -> float:
-    """Faithfulness R² = 1 − Σ‖x − x̂‖² / Σ‖x − x̄‖² (mean-centred denominator, atoms.md
-    "Metrics"); with ``S`` the norms are ‖v‖²_S = vᵀ S v. Computed in float64 numpy."""
-    x = np.asarray(x, np.float64)
-    xh = np.asarray(x_hat, np.float64)
+def r2(x, x_hat, S=None):
+    """Faithfulness R² = 1 − Σ‖x − x̂‖² / Σ‖x − x̄‖² (mean-centred denominator, Hu et al.'s
+    "faithfulness" R²); with ``S`` the norms are ‖v‖²_S = vᵀ S v. Pure jnp, jit/vmap-able:
+    returns a 0-d array in the inputs' floating dtype (float32 unless x64 is enabled). Shapes
+    are checked under jit too; the zero-variance check (ValueError) only on concrete input
+    (under jit a constant x gives nan/−inf)."""
+    x = jnp.asarray(x)
+    xh = jnp.asarray(x_hat)
     if x.shape != xh.shape:
         raise ValueError(f"x_hat must have the shape of x {x.shape}; got {xh.shape}")
     if x.ndim != 2 or x.shape[0] < 2:
         raise ValueError(f"x must be (B, H) with B >= 2; got {x.shape}")
+    dt = jnp.result_type(x.dtype, xh.dtype, float)
+    x, xh = x.astype(dt), xh.astype(dt)
     e = x - xh
     c = x - x.mean(0, keepdims=True)
     if S is None:
-        num, den = np.sum(e * e), np.sum(c * c)
+        num, den = jnp.sum(e * e), jnp.sum(c * c)
     else:
-        S = np.asarray(S, np.float64)
-        num, den = np.sum((e @ S) * e), np.sum((c @ S) * c)
-    if den <= 0:
-        raise ValueError("x has zero variance; R² is undefined")
-    return float(1.0 - num / den)
+        S = jnp.asarray(S)
+        if S.shape != (x.shape[1], x.shape[1]):
+            raise ValueError(f"S must be ({x.shape[1]}, {x.shape[1]}); got shape {S.shape}")
+        S = S.astype(dt)
+        num, den = jnp.sum((e @ S) * e), jnp.sum((c @ S) * c)
+    if not isinstance(den, jax.core.Tracer) and not float(den) > 0:
+        raise ValueError(f"x has zero variance (Σ‖x − x̄‖² = {float(den)}); R² is undefined")
+    return 1.0 - num / den
 
 
 def rip_estimate(D, S, K: int, *, key, n_supports: int = 1024, mu: float | None = None) -> dict:
@@ -576,7 +584,7 @@ def unit_metrics(x, units: dict, aip: AIP, *, key, k_quantile: float | str = 0.5
     uq = uniqueness_per_atom(mu, l0, k_quantile=k_quantile)
     row = {
         "H": int(D.shape[0]), "N": int(D.shape[1]), "n_samples": int(x.shape[0]),
-        "r2": r2(x, units["x_hat"]), "r2_aip": r2(x, units["x_hat"], aip.S),
+        "r2": float(r2(x, units["x_hat"])), "r2_aip": float(r2(x, units["x_hat"], aip.S)),
         "l0_mean": float(l0.mean()), "l0_median": float(np.median(l0)),
         "mu_max": float(mu.max()), "mu_median": float(np.median(mu)),
         "K": uq["K"], "uniqueness_atoms": uq["fraction"], "q_star": q_star(mu, l0),
@@ -682,7 +690,7 @@ def theory_check(x, D, codes, S=None, *, tau: float | None = None) -> dict:
     x_hat = f @ W_dec.astype(np.float64)
     return {"eps": eps, "K": K, "delta_min": float(nz.min()), "delta_max": float(nz.max()),
             **{"interval_" + k: v for k, v in iv.items()}, "tau": t,
-            "support_recovery": float(supp_ok.mean()), "r2": r2(x, x_hat),
+            "support_recovery": float(supp_ok.mean()), "r2": float(r2(x, x_hat)),
             "max_pre_off_support": float(np.max(np.where(codes == 0, pi, -np.inf))),
             "min_pre_on_support": float(np.min(np.where(codes != 0, pi, np.inf)))}
 

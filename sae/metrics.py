@@ -1,6 +1,12 @@
-"""SAE evaluation metrics (jumprelu.md "Standard evaluation"). Pure jnp functions.
+"""SAE evaluation metrics (the standard evaluation of Rajamanoharan et al. 2024, "Jumping
+ahead: improving reconstruction fidelity with JumpReLU sparse autoencoders",
+arXiv:2407.14435).
 
 Shapes: x, x_hat (N, d); codes f (N, M). Reductions are over the whole evaluation set.
+The array metrics (l0, explained_variance, fvu, mse, cosine, firing_density, dead_latents,
+dense_latents, shrinkage) are pure jnp and jit/vmap-able (shape checks run at trace time).
+Host-side: :func:`log_density_histogram` (numpy histogram, returns an int) and
+:func:`evaluate` (a dict of Python floats).
 """
 from __future__ import annotations
 
@@ -30,12 +36,14 @@ def _check_pair(x, x_hat):
 
 def l0(f):
     """Mean number of non-zero codes per example, (1/N) Σ_n ‖f_n‖_0. f (N, M) → scalar."""
+    f = jnp.asarray(f)
     return jnp.mean(jnp.sum(f != 0, axis=-1).astype(jnp.float32))
 
 
 def explained_variance(x, x_hat):
     """EV = 1 − Σ_n ‖x_n − x̂_n‖² / Σ_n ‖x_n − x̄‖², x̄ the mean over the evaluation set
-    (jumprelu.md; SAEBench PR #61, SAELens #659; atoms.md R² "faithfulness"). (N, d) → ()."""
+    (mean-centred as in Rajamanoharan et al. 2024, arXiv:2407.14435, and SAEBench/SAELens;
+    the same quantity as Hu et al.'s faithfulness R², :func:`sae.atoms.r2`). (N, d) → ()."""
     _check_pair(x, x_hat)
     x = jnp.asarray(x, jnp.float32)
     err = jnp.sum(jnp.square(x - jnp.asarray(x_hat, jnp.float32)))
@@ -57,6 +65,7 @@ def mse(x, x_hat):
 def cosine(x, x_hat):
     """Mean cosine similarity between x_n and x̂_n."""
     _check_pair(x, x_hat)
+    x, x_hat = jnp.asarray(x), jnp.asarray(x_hat)
     num = jnp.sum(x * x_hat, axis=-1)
     den = jnp.linalg.norm(x, axis=-1) * jnp.linalg.norm(x_hat, axis=-1)
     return jnp.mean(num / jnp.maximum(den, 1e-30))
@@ -64,7 +73,7 @@ def cosine(x, x_hat):
 
 def firing_density(f):
     """Fraction of examples on which each latent fires. (N, M) → (M,)."""
-    return jnp.mean((f != 0).astype(jnp.float32), axis=0)
+    return jnp.mean((jnp.asarray(f) != 0).astype(jnp.float32), axis=0)
 
 
 def dead_latents(f):
@@ -93,6 +102,7 @@ def log_density_histogram(f, bins=None):
 def shrinkage(x, x_hat):
     """Mean ‖x̂_n‖ / ‖x_n‖ (< 1: the SAE shrinks its reconstructions)."""
     _check_pair(x, x_hat)
+    x, x_hat = jnp.asarray(x), jnp.asarray(x_hat)
     return jnp.mean(jnp.linalg.norm(x_hat, axis=-1) /
                     jnp.maximum(jnp.linalg.norm(x, axis=-1), 1e-30))
 

@@ -218,3 +218,30 @@ def test_match_atoms_sign_flipped_and_permuted():
     # a dictionary of unrelated directions finds nothing at min_cos = 0.9
     W_rand = rng.standard_normal((32, 16)).astype(np.float32)
     assert at.planted_support_recovery(D, W_rand, codes, learned)["atoms_found"] < 0.5
+
+
+def test_array_metrics_jit_equal_eager():
+    """The pure array → array functions of sae.atoms give the eager result under jax.jit."""
+    from functools import partial
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((40, 6)).astype(np.float32)
+    xh = (0.9 * x + 0.2 * rng.standard_normal((40, 6))).astype(np.float32)
+    A = rng.standard_normal((6, 6))
+    S = (A @ A.T + np.eye(6)).astype(np.float32)
+    codes = np.where(rng.random((40, 10)) < 0.3, rng.standard_normal((40, 10)), 0.0)
+    cases = [(at.aip_cosine, (x, xh)), (at.aip_cosine, (x, xh, S)), (at.r2, (x, xh)),
+             (at.r2, (x, xh, S)), (at.whiten, (x, S)), (at.l0_per_sample, (codes,)),
+             (at.dictionary_from_decoder, (x,)),
+             (partial(at.pairwise_angles, key=jax.random.key(0), n_pairs=50), (x, S))]
+    for fn, args in cases:
+        eager = np.asarray(fn(*args))
+        np.testing.assert_allclose(np.asarray(jax.jit(fn)(*args)), eager, rtol=1e-5, atol=1e-5)
+    # r2 against an independent float64 numpy computation (S-norm)
+    e, c = (x - xh).astype(np.float64), (x - x.mean(0)).astype(np.float64)
+    want = 1 - np.sum((e @ S) * e) / np.sum((c @ S) * c)
+    np.testing.assert_allclose(float(jax.jit(at.r2)(x, xh, S)), want, rtol=1e-5)
+    # shape checks also under jit; the zero-variance check on concrete input
+    with pytest.raises(ValueError, match="shape of x"):
+        jax.jit(at.r2)(x, xh[:5])
+    with pytest.raises(ValueError, match="zero variance"):
+        at.r2(np.ones((4, 3)), np.zeros((4, 3)))

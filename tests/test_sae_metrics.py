@@ -45,3 +45,34 @@ def test_l0_dead_dense_and_histogram():
 def test_metrics_bad_shapes():
     with pytest.raises(ValueError, match="shape"):
         M.explained_variance(X, XH[:1])
+
+
+def _jit_vs_eager(fn, *args, **kw):
+    import jax
+    eager = np.asarray(fn(*args, **kw))
+    jitted = np.asarray(jax.jit(lambda *a: fn(*a, **kw))(*args))
+    np.testing.assert_allclose(jitted, eager, rtol=1e-6, atol=1e-7)
+    return eager
+
+
+def test_array_metrics_jit_equal_eager():
+    import jax
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, 8)).astype(np.float32)
+    xh = (0.8 * x + 0.1 * rng.standard_normal((64, 8))).astype(np.float32)
+    f = np.maximum(rng.standard_normal((64, 12)) - 1.0, 0.0).astype(np.float32)
+    f[:, 3] = 0.0  # one dead latent
+    for fn in (M.explained_variance, M.fvu, M.mse, M.cosine, M.shrinkage):
+        _jit_vs_eager(fn, x, xh)
+    for fn in (M.l0, M.firing_density, M.dead_latents):
+        _jit_vs_eager(fn, f)
+    _jit_vs_eager(M.dense_latents, f, threshold=0.1)
+    # the jitted values are the hand computations, not only self-consistent
+    ev = float(jax.jit(M.explained_variance)(x, xh))
+    xd, xhd = x.astype(np.float64), xh.astype(np.float64)
+    want = 1 - np.sum((xd - xhd) ** 2) / np.sum((xd - xd.mean(0)) ** 2)
+    assert ev == pytest.approx(want, rel=1e-5)
+    assert bool(jax.jit(M.dead_latents)(f)[3]) and int(np.sum(jax.jit(M.dead_latents)(f))) >= 1
+    # shape validation still runs under jit (at trace time)
+    with pytest.raises(ValueError, match="shape"):
+        jax.jit(M.explained_variance)(x, xh[:3])

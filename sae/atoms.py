@@ -616,18 +616,9 @@ def planted_data(key, *, H: int = 64, N: int = 128, K: int = 3, n: int = 4096,
     if K < 1 or K > N:
         raise ValueError(f"K must be in [1, N={N}]; got {K}")
     kd, ks, kv, kk = jax.random.split(key, 4)
-    if dictionary == "dirac_hadamard":
-        if H & (H - 1) or N != 2 * H:
-            raise ValueError(f"dirac_hadamard needs H a power of 2 and N = 2H; got H={H}, N={N}")
-        h = np.array([[1.0]])
-        while h.shape[0] < H:
-            h = np.block([[h, h], [h, -h]])
-        D = np.hstack([np.eye(H), h / np.sqrt(H)])
-    elif dictionary == "gaussian":
-        D = np.asarray(jax.random.normal(kd, (H, N)), np.float64)
-        D /= np.linalg.norm(D, axis=0, keepdims=True)
-    else:
-        raise ValueError(f"dictionary must be 'dirac_hadamard' or 'gaussian'; got {dictionary!r}")
+    from .data import planted_dictionary  # the one planted-dictionary generator
+
+    D = planted_dictionary(kd, H, N, kind=dictionary, dtype=np.float64).T
     _, supp = jax.lax.top_k(jax.random.uniform(ks, (n, N)), K)
     lo, hi = delta_range
     vals = jax.random.uniform(kv, (n, K), minval=lo, maxval=hi)

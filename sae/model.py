@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxsense._checks import check_int, check_scalar
+
 Array = jax.Array
 
 __all__ = [
@@ -40,7 +42,9 @@ __all__ = [
     "reconstruct",
     "rectangle",
     "step",
+    "TiedJumpReLUSAE",
     "topk_codes",
+    "topk_mask",
 ]
 
 
@@ -165,24 +169,35 @@ def reconstruct(params: Mapping[str, Array], x: Array, *, apply_b_dec_to_input: 
 def topk_codes(pi: Array, k: int) -> Array:
     """f = ReLU(TopK(π)): keep the k largest pre-activations per row, zero the rest.
 
-    (Gao et al. 2024, "Scaling and evaluating sparse autoencoders", eq. 3.) (..., M) → (..., M).
-    Gradient flows to the kept entries only (ties at the k-th value may keep more than k).
+    (Gao et al. 2024, "Scaling and evaluating sparse autoencoders", arXiv:2406.04093, eq. 3.)
+    (..., M) → (..., M). Exactly k entries are kept per row; among tied values the lower
+    indices are kept, as ``jax.lax.top_k`` orders them. Gradient flows to the kept entries.
     """
-    kth = jax.lax.stop_gradient(_kth_largest(pi, k))
-    return jax.nn.relu(pi) * (pi >= kth).astype(pi.dtype)
+    keep = jax.lax.stop_gradient(topk_mask(pi, k))
+    return jax.nn.relu(pi) * keep.astype(pi.dtype)
 
 
-def _kth_largest(pi: Array, k: int) -> Array:
-    """k-th largest value along the last axis, (..., 1). For small k, k max-and-mask passes
-    (``lax.top_k`` is slow on XLA:CPU); otherwise ``lax.top_k``."""
-    if k > 8:
-        return jax.lax.top_k(pi, k)[0][..., -1:]
-    cur = pi
-    m = None
-    for _ in range(k):
-        m = jnp.max(cur, axis=-1, keepdims=True)
-        cur = jnp.where(cur >= m, -jnp.inf, cur)
-    return m
+def topk_mask(pi: Array, k: int) -> Array:
+    """Boolean (..., M) mask of the k entries ``jax.lax.top_k(pi, k)`` selects per row.
+
+    For k ≤ 8: k passes of first-index ``argmax`` and masking (``lax.top_k`` is slow on
+    XLA:CPU). Otherwise ``lax.top_k``'s k-th value v, every entry > v, and the first
+    k − #{π > v} entries equal to v (lowest indices first, as ``lax.top_k`` breaks ties).
+    """
+    iota = jax.lax.broadcasted_iota(jnp.int32, pi.shape, pi.ndim - 1)
+    if k <= 8:
+        cur = pi
+        keep = jnp.zeros(pi.shape, bool)
+        for _ in range(k):
+            hit = iota == jnp.argmax(cur, axis=-1, keepdims=True).astype(jnp.int32)
+            keep = keep | hit
+            cur = jnp.where(hit, -jnp.inf, cur)
+        return keep
+    kth = jax.lax.top_k(pi, k)[0][..., -1:]
+    above = pi > kth
+    tied = pi == kth
+    room = k - above.sum(axis=-1, keepdims=True)
+    return above | (tied & (jnp.cumsum(tied, axis=-1) <= room))
 
 
 # --------------------------------------------------------------------------------------
@@ -206,22 +221,6 @@ class LossParts(NamedTuple):
     fired: Array
 
 
-def _check_positive_int(name, v):
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise TypeError(f"{name} must be an int, got {type(v).__name__} {v!r}")
-    if v <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {name}={v}")
-
-
-def _check_positive(name, v):
-    try:
-        fv = float(v)
-    except Exception as e:
-        raise TypeError(f"{name} must be a real number, got {type(v).__name__} {v!r}") from e
-    if not math.isfinite(fv) or fv <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {name}={v!r}")
-
-
 def _init_weights(key, d, M, dtype):
     """GDM init (jumprelu.md): W_dec rows He-uniform then unit norm; W_enc = W_decᵀ."""
     bound = math.sqrt(6.0 / M)  # He-uniform with fan_in = M (decoder input dim)
@@ -236,11 +235,14 @@ class _SAEBase(nnx.Module):
     apply_b_dec_to_input: bool
     compute_dtype = None  # matmul operand dtype (None: parameter dtype)
 
+    def _w_enc(self) -> Array:
+        return self.W_enc[...]
+
     def params(self) -> dict[str, Array]:
         """Plain dict (Gemma Scope layout): W_enc (d,M), W_dec (M,d), b_enc (M,), b_dec (d,),
         threshold (M,) (for TopK: zeros, unused)."""
         return {
-            "W_enc": self.W_enc[...],
+            "W_enc": self._w_enc(),
             "W_dec": self.W_dec[...],
             "b_enc": self.b_enc[...],
             "b_dec": self.b_dec[...],
@@ -300,10 +302,10 @@ class JumpReLUSAE(_SAEBase):
     def __init__(self, d_in: int, width: int, *, rngs: nnx.Rngs, theta_init=0.001,
                  log_theta: bool = False, apply_b_dec_to_input: bool = True,
                  dtype=jnp.float32):
-        _check_positive_int("d_in", d_in)
-        _check_positive_int("width", width)
+        check_int("d_in", d_in, low=1)
+        check_int("width", width, low=1)
         if not isinstance(theta_init, jax.core.Tracer):
-            _check_positive("theta_init", theta_init)
+            check_scalar("theta_init", theta_init, low=0.0, low_open=True)
         self.log_theta = bool(log_theta)
         _init_dictionary(self, rngs, d_in, width, apply_b_dec_to_input, dtype)
         t0 = jnp.full((width,), theta_init, jnp.float32)
@@ -365,9 +367,9 @@ class TopKSAE(_SAEBase):
 
     def __init__(self, d_in: int, width: int, k: int, *, rngs: nnx.Rngs,
                  apply_b_dec_to_input: bool = True, dtype=jnp.float32):
-        _check_positive_int("d_in", d_in)
-        _check_positive_int("width", width)
-        _check_positive_int("k", k)
+        check_int("d_in", d_in, low=1)
+        check_int("width", width, low=1)
+        check_int("k", k, low=1)
         if k > width:
             raise ValueError(f"k must be ≤ width, got k={k}, width={width}")
         self.k = k
@@ -390,3 +392,27 @@ class TopKSAE(_SAEBase):
         active = jax.lax.stop_gradient((f > 0).astype(jnp.float32))
         z = jnp.zeros((), jnp.float32)
         return LossParts(mse, mse, z, z, jnp.mean(active.sum(-1)), sse, sst, active.sum(0))
+
+
+class TiedJumpReLUSAE(JumpReLUSAE):
+    """JumpReLU SAE with a tied encoder, W_enc = W_decᵀ; everything else as ``JumpReLUSAE``.
+
+    The AIP-tied SAE of Hu et al. ("Towards atoms of large language models", the threshold
+    SAE of their uniqueness theorem) has pre-activations π = (x − b) S̃ D + b_enc with atoms
+    D (H, N) and the AIP matrix S̃, and its reconstruction error is measured in the S̃ norm.
+    With x_w = S̃^{1/2} x and W_dec = (S̃^{1/2} D)ᵀ this is exactly a tied SAE on whitened
+    inputs, with the Euclidean loss on x_w equal to the S̃-norm loss on x. So the AIP-tied SAE
+    is this module trained by ``sae.train`` on ``sae.atoms.whiten(x, aip)``; the atoms in
+    activation space are D = S̃^{-1/2} W_decᵀ (``sae.atoms.sae_units(..., whitened=True)``).
+    The state holds W_dec, b_enc, b_dec and θ (no separate W_enc).
+    """
+
+    def __init__(self, d_in: int, width: int, *, rngs: nnx.Rngs, theta_init=0.001,
+                 log_theta: bool = False, apply_b_dec_to_input: bool = True,
+                 dtype=jnp.float32):
+        super().__init__(d_in, width, rngs=rngs, theta_init=theta_init, log_theta=log_theta,
+                         apply_b_dec_to_input=apply_b_dec_to_input, dtype=dtype)
+        del self.W_enc
+
+    def _w_enc(self) -> Array:
+        return self.W_dec[...].T

@@ -50,22 +50,24 @@ def test_pipeline_tiny_model_end_to_end(tmp_path):
 
 
 def test_trained_tied_sae_recovers_planted_supports():
-    """A trained AIP-tied SAE on planted Dirac–Hadamard data (μ = 1/8, K = 3) finds the atoms
-    and most supports (measured 0.92 at 3000 steps; this CPU-fast run uses 1500)."""
-    from experiments.atoms.tied import train_tied
-    from sae.model import encode
+    """The AIP-tied SAE (``arch="tied"`` on whitened inputs), trained by ``sae.train`` with
+    the Anthropic recipe at lr 3e-3 on planted Dirac–Hadamard data (μ = 1/8, K = 3), finds
+    the atoms and the supports. Measured with this exact run: atoms_found 0.992,
+    support_recovery 0.972, R² 0.981; asserted with small margins below those."""
+    import sae
 
     x, D, codes = at.planted_data(jax.random.key(0), H=64, N=128, K=3, n=4096,
                                   delta_range=(0.7, 1.0))
     aip = at.aip_from_moment(at.second_moment(x))
-    tr = train_tied(np.asarray(at.whiten(x, aip)), width=128, lams=[0.3], steps=1500,
-                    batch_size=256, lr=3e-3)
-    u = at.sae_units(tr["params"][0], x, lambda p, z: encode(jax.tree.map(np.asarray, p), z),
-                     aip=aip, whitened=True)
+    cfg = sae.TrainConfig(d_in=64, width=128, arch="tied", recipe="anthropic", lr=3e-3,
+                          lam=0.3, total_steps=1500, batch_size=256, steps_per_call=50,
+                          progress=False)
+    res = sae.train(np.asarray(at.whiten(x, aip)), cfg)
+    u = at.sae_units(res.params, x, lambda p, z: res.encode(z), aip=aip, whitened=True)
     rec = at.planted_support_recovery(D, u["D"].T, codes, u["codes"])
-    assert rec["atoms_found"] >= 0.9
-    assert rec["support_recovery"] >= 0.5
-    assert at.r2(x, u["x_hat"]) > 0.9
+    assert rec["atoms_found"] >= 0.97
+    assert rec["support_recovery"] >= 0.93
+    assert at.r2(x, u["x_hat"]) > 0.96
 
 
 def test_match_atoms_exact():

@@ -141,17 +141,65 @@ def test_loss_terms_match_formulas():
     np.testing.assert_allclose(1 - gdm.sse / gdm.sst, ev, rtol=1e-5)
 
 
-def test_adam_b1_zero_matches_optax_adam():
+def test_optimizer_b1_zero_matches_optax_adam_with_lr_schedule():
+    """Our chain (clip → scale_by_rms(bias-corrected, eps outside √) → −lr(t)) equals
+    clip → optax.scale_by_adam(b1=0) → −lr(t) with lr(t) written out by hand."""
     import optax
 
-    from sae.train import scale_by_adam_b1_zero
+    from sae.config import TrainConfig
+    from sae.step import lr_schedule, optimizer
 
+    cfg = TrainConfig(d_in=4, width=8, lr=1e-2, lr_warmup_steps=3, lr_decay_frac=0.5,
+                      total_steps=8, clip_norm=0.5)
+    lr_hand = [1e-2 * min(1.0, (t + 1) / 3) * (1.0 if t < 4 else (8 - t) / 4) for t in range(8)]
+    np.testing.assert_allclose([float(lr_schedule(cfg, 1e-2)(t)) for t in range(8)], lr_hand,
+                               rtol=1e-6)
     params = {"a": jnp.ones((3, 4)), "b": jnp.zeros(5)}
-    ref, ours = optax.scale_by_adam(b1=0.0, b2=0.999, eps=1e-8), scale_by_adam_b1_zero()
+    ref = optax.chain(optax.clip_by_global_norm(0.5), optax.scale_by_adam(b1=0.0, b2=0.999,
+                                                                        eps=1e-8))
+    ours = optimizer(cfg, 1e-2)
     s_ref, s_ours = ref.init(params), ours.init(params)
-    for t in range(4):
+    for t in range(8):
         g = jax.tree.map(lambda p: jax.random.normal(jax.random.key(t), p.shape), params)
         u_ref, s_ref = ref.update(g, s_ref, params)
         u_ours, s_ours = ours.update(g, s_ours, params)
         for k in params:
-            np.testing.assert_allclose(u_ours[k], u_ref[k], rtol=1e-5, atol=1e-7)
+            np.testing.assert_allclose(u_ours[k], -lr_hand[t] * u_ref[k], rtol=1e-5, atol=1e-9)
+
+
+# ---- TopK: exactly k kept, ties broken as lax.top_k breaks them, on both code paths ----
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from sae.model import topk_mask  # noqa: E402
+
+
+def _ref_mask(pi, k):
+    idx = np.asarray(jax.lax.top_k(jnp.asarray(pi), k)[1])
+    ref = np.zeros(pi.shape, bool)
+    np.put_along_axis(ref, idx, True, axis=-1)
+    return ref
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), k=st.sampled_from([1, 2, 3, 8, 9, 12]), M=st.integers(12, 24),
+       rows=st.integers(1, 4))
+def test_topk_mask_exactly_k_under_ties(data, k, M, rows):
+    # few distinct values → many ties, including at the k-th value
+    vals = data.draw(st.lists(st.sampled_from([-1.0, 0.0, 1.0, 3.0]), min_size=rows * M,
+                              max_size=rows * M))
+    pi = np.asarray(vals, np.float32).reshape(rows, M)
+    mask = np.asarray(topk_mask(jnp.asarray(pi), k))
+    np.testing.assert_array_equal(mask.sum(-1), k)
+    np.testing.assert_array_equal(mask, _ref_mask(pi, k))
+    np.testing.assert_array_equal(np.asarray(jax.vmap(lambda r: topk_mask(r, k))(pi)), mask)
+    f = np.asarray(topk_codes(jnp.asarray(pi), k))
+    assert ((f != 0) <= mask).all() and (f[mask] == np.maximum(pi[mask], 0)).all()
+
+
+def test_topk_issue_example_keeps_two():
+    pi = jnp.asarray([[3.0, 3.0, 1.0, 0.5, 3.0]])
+    assert int(topk_mask(pi, 2).sum()) == 2  # the k ≤ 8 path once kept all three 3.0s
+    wide = jnp.tile(pi, (1, 4))  # the lax.top_k path (k > 8), 12 tied 3.0s
+    assert int(topk_mask(wide, 10).sum()) == 10
+    np.testing.assert_array_equal(np.asarray(topk_codes(pi, 2)), [[3.0, 3.0, 0, 0, 0]])

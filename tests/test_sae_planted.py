@@ -18,23 +18,23 @@ data, and that the oracle itself is below 0.99.
 import jax
 import numpy as np
 
+import sae
 from sae import metrics
-from sae import train as T
 
 
 def test_planted_dictionary_recovery():
     H, N, K, M = 64, 256, 4, 512
-    D = T.planted_dictionary(jax.random.key(0), H, N)
-    src = T.PlantedSource(D, K, 1024, seed=1)
-    cfg = T.TrainConfig.anthropic(H, M, lam=0.15, lr=3e-3, total_steps=2000, batch_size=1024,
+    D = sae.planted_dictionary(jax.random.key(0), H, N)
+    src = sae.PlantedSource(D, K, 1024, seed=1)
+    cfg = sae.TrainConfig.anthropic(H, M, lam=0.15, lr=3e-3, total_steps=2000, batch_size=1024,
                                   steps_per_call=20, log_every=500, progress=False)
-    res = T.train(src, cfg)
+    res = sae.train(src, cfg)
 
     W = res.params["W_dec"] / np.linalg.norm(res.params["W_dec"], axis=1, keepdims=True)
     best = (D @ W.T).max(axis=1)  # best decoder cosine for each planted atom
     assert np.mean(best >= 0.95) >= 0.95, np.mean(best >= 0.95)
 
-    held = T.PlantedSource(D, K, 4096, seed=99)
+    held = sae.PlantedSource(D, K, 4096, seed=99)
     idx, c = held.codes_and_batch(0)
     x = np.einsum("bk,bkd->bd", c, D[idx])
     ev = float(metrics.explained_variance(x, np.asarray(

@@ -8,8 +8,8 @@ Per layer:
   2. S̃ = (E[xxᵀ])⁻¹ from the train split (float64, optional ridge; condition number kept);
   3. units: neurons (identity), features (Euclidean JumpReLU SAE on raw x, or a Gemma Scope
      params.npz), atoms_whitened (the same SAE recipe on S̃^{1/2}x, atoms mapped back by
-     S̃^{-1/2}) and atoms_tied (tied SAE in whitened coordinates ⇔ W_enc = S̃ D; see
-     ``experiments.atoms.tied``). Each trained variant is a vmapped λ sweep; the table
+     S̃^{-1/2}) and atoms_tied (``sae.TiedJumpReLUSAE`` in whitened coordinates ⇔
+     W_enc = S̃ D). All three are trained by ``sae.train`` with one recipe. Each trained variant is a vmapped λ sweep; the table
      shows, per variant, the SAE with the smallest eval L0 among those with eval R² ≥
      ``select_r2`` (else the highest R²) — RECONSTRUCTED selection rule; every sweep
      member's metrics are in table.json;
@@ -51,7 +51,6 @@ class AtomsConfig:
     batch_size: int = 512
     lr: float | None = None
     tied: bool = True
-    tied_lr: float = 1e-3
     eval_frac: float = 0.2
     ridge: float = 0.0
     pinv_fallback: bool = True  # singular moment with ridge=0 → pseudo-inverse (logged)
@@ -115,11 +114,13 @@ def layer_data(cache_dir: str, layer: int, max_tokens: int | None = None) -> np.
     return np.concatenate(parts)
 
 
-def _train_sweep(x_train, cfg: AtomsConfig, width: int):
-    from sae.train import TrainConfig, sweep, train
+def _train_sweep(x_train, cfg: AtomsConfig, width: int, arch: str = "jumprelu"):
+    """One λ sweep by ``sae.train``: every unit variant is trained by the same trainer and
+    recipe; only the architecture (``arch``) and the input coordinates differ."""
+    from sae import TrainConfig, sweep, train
 
     kw = {} if cfg.lr is None else {"lr": cfg.lr}
-    tc = TrainConfig(d_in=x_train.shape[1], width=width, recipe=cfg.recipe,
+    tc = TrainConfig(d_in=x_train.shape[1], width=width, recipe=cfg.recipe, arch=arch,
                      total_steps=cfg.steps, batch_size=min(cfg.batch_size, x_train.shape[0]),
                      progress=cfg.progress, seed=cfg.seed, log_every=max(1, cfg.steps // 5),
                      **kw)
@@ -196,16 +197,12 @@ def analyze_layer(x: np.ndarray, cfg: AtomsConfig, layer: int, log=print,
                                            aip=aip, whitened=True)
     log(f"[layer {layer}] atoms_whitened sweep {[(m['lam'], round(m['r2'], 3), round(m['l0_mean'], 1)) for m in mem]}")
 
-    if cfg.tied:
-        from experiments.atoms.tied import train_tied
-
-        tr = train_tied(xw_train, width=width, lams=cfg.lams, steps=cfg.steps,
-                        batch_size=min(cfg.batch_size, x_train.shape[0]), lr=cfg.tied_lr,
-                        seed=cfg.seed)
-        enc = lambda p, z: encode(jax.tree.map(np.asarray, p), z)
+    if cfg.tied:  # AIP-tied SAE: W_enc = S̃D, i.e. a tied SAE on whitened inputs
+        res_t = _train_sweep(xw_train, cfg, width, arch="tied")
         mem, us = [], []
-        for i, p in enumerate(tr["params"]):
-            u = at.sae_units(p, x_eval, enc, aip=aip, whitened=True)
+        for i in range(len(cfg.lams)):
+            u = at.sae_units(res_t.sae_params(i), x_eval, lambda p, z, i=i: res_t.encode(z, i),
+                             aip=aip, whitened=True)
             us.append(u)
             mem.append({"lam": float(cfg.lams[i]), **_quick(x_eval, u)})
         sel = _select(mem, cfg.select_r2)

@@ -19,9 +19,9 @@ import os
 import sys
 import time
 
-import jax
 import numpy as np
 
+from experiments.common import atomic_write_bytes, save_fig
 from sae import atoms as at
 
 
@@ -31,27 +31,18 @@ def _ints(s):
 
 def r2_cell(x_train, x_eval, aip, width, *, variant="tied", lam=1.0, steps=400,
             batch_size=256, seed=0):
-    from sae.model import encode
+    """R² and mean L0 on ``x_eval`` of one SAE trained by ``sae.train`` (Anthropic recipe):
+    "tied" (AIP-tied, whitened inputs), "whitened" (untied, whitened inputs) or "euclid"."""
+    from sae import TrainConfig, train
 
-    if variant == "tied":
-        from experiments.atoms.tied import train_tied
-
-        tr = train_tied(np.asarray(at.whiten(x_train, aip)), width=width, lams=[lam],
-                        steps=steps, batch_size=min(batch_size, x_train.shape[0]), lr=1e-3,
-                        seed=seed)
-        u = at.sae_units(tr["params"][0], x_eval,
-                         lambda p, z: encode(jax.tree.map(np.asarray, p), z), aip=aip,
-                         whitened=True)
-    else:
-        from sae.train import TrainConfig, train
-
-        xin = np.asarray(at.whiten(x_train, aip)) if variant == "whitened" else x_train
-        cfg = TrainConfig(d_in=x_train.shape[1], width=width, recipe="anthropic", lam=lam,
-                          total_steps=steps, batch_size=min(batch_size, x_train.shape[0]),
-                          progress=False, seed=seed)
-        res = train(xin, cfg)
-        u = at.sae_units(res.params, x_eval, lambda p, z: res.encode(z), aip=aip,
-                         whitened=variant == "whitened")
+    whitened = variant in ("tied", "whitened")
+    xin = np.asarray(at.whiten(x_train, aip)) if whitened else x_train
+    cfg = TrainConfig(d_in=x_train.shape[1], width=width, recipe="anthropic", lam=lam,
+                      arch="tied" if variant == "tied" else "jumprelu", total_steps=steps,
+                      batch_size=min(batch_size, x_train.shape[0]), progress=False, seed=seed)
+    res = train(xin, cfg)
+    u = at.sae_units(res.params, x_eval, lambda p, z: res.encode(z), aip=aip,
+                     whitened=whitened)
     return at.r2(x_eval, u["x_hat"]), float((u["codes"] != 0).sum(1).mean())
 
 
@@ -97,7 +88,7 @@ def plot(res, path):
     fig.colorbar(im, label="eval R²")
     ax.set_title(f"R² heat map ({res['variant']}, H={res['H']})", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_fig(fig, path, dpi=110, bbox_inches=None)
     plt.close(fig)
 
 
@@ -121,8 +112,7 @@ def main(argv=None):
     res = run_scaling(x, M_sizes=a.M, D_mults=a.D_mult, variant=a.variant, lam=a.lam,
                       steps=a.steps)
     os.makedirs(a.out, exist_ok=True)
-    with open(os.path.join(a.out, "scaling.json"), "w") as f:
-        json.dump(res, f, indent=1)
+    atomic_write_bytes(os.path.join(a.out, "scaling.json"), json.dumps(res, indent=1).encode())
     plot(res, os.path.join(a.out, "scaling.png"))
     print(f"wrote {a.out}/scaling.json scaling.png")
     return res

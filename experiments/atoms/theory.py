@@ -5,7 +5,8 @@ Planted x = D δ (Dirac–Hadamard D, H=64, N=128, μ = 1/8; K=3 non-negative co
   * the theorem's construction W_dec = D, W_enc = DᵀS̃, τ = midpoint of
     (εKδ_max, δ_min − ε(K−1)δ_max), with S̃ exact ((DDᵀ)⁻¹) and estimated ((E[xxᵀ])⁻¹);
   * trained SAEs on the same data: a Euclidean JumpReLU SAE (sae.train, Anthropic recipe)
-    and the AIP-tied SAE (experiments.atoms.tied), support recovery after matching atoms;
+    and the AIP-tied SAE (``arch="tied"`` on whitened inputs, same trainer and recipe),
+    support recovery after matching atoms;
   * coherence-based guarantees: μ, K bound, (K−1)μ (RIP), uniqueness of every sample.
 Writes results/atoms/theory.json.
 """
@@ -19,13 +20,13 @@ import time
 import jax
 import numpy as np
 
+from experiments.common import atomic_write_bytes
 from sae import atoms as at
 
 
 def run_theory(*, H=64, N=128, K=3, n=8192, steps=3000, lams=(0.3, 1.0), lr=3e-3,
                batch_size=256, seed=0, train_euclid=True) -> dict:
-    from experiments.atoms.tied import train_tied
-    from sae.model import encode
+    from sae import TrainConfig, sweep, train
 
     x, D, codes = at.planted_data(jax.random.key(seed), H=H, N=N, K=K, n=n,
                                   delta_range=(0.7, 1.0))
@@ -39,17 +40,18 @@ def run_theory(*, H=64, N=128, K=3, n=8192, steps=3000, lams=(0.3, 1.0), lr=3e-3
     out["uniqueness_samples_estimated_S"] = {k: us[k] for k in ("support_fraction", "atom_fraction")}
     t0 = time.perf_counter()
     xw = np.asarray(at.whiten(x, aip))
-    tr = train_tied(xw, width=N, lams=lams, steps=steps, batch_size=batch_size, lr=lr, seed=seed)
-    enc = lambda p, z: encode(jax.tree.map(np.asarray, p), z)
+    # the AIP-tied SAE, trained by the library trainer with the same recipe as the Euclidean SAE
+    cfg_t = TrainConfig(d_in=H, width=N, arch="tied", recipe="anthropic", total_steps=steps,
+                        batch_size=batch_size, progress=False, lr=lr, seed=seed)
+    res_t = train(xw, cfg_t, sweep=sweep(cfg_t, lam=list(lams)))
     out["trained_tied_aip"] = []
-    for lam, p in zip(lams, tr["params"]):
-        u = at.sae_units(p, x, enc, aip=aip, whitened=True)
+    for i, lam in enumerate(lams):
+        u = at.sae_units(res_t.sae_params(i), x, lambda p, z, i=i: res_t.encode(z, i),
+                         aip=aip, whitened=True)
         out["trained_tied_aip"].append({"lam": lam, "r2": at.r2(x, u["x_hat"]),
                                         **at.planted_support_recovery(D, u["D"].T, codes, u["codes"])})
     out["seconds_tied"] = time.perf_counter() - t0
     if train_euclid:
-        from sae.train import TrainConfig, sweep, train
-
         cfg = TrainConfig(d_in=H, width=N, recipe="anthropic", total_steps=steps,
                           batch_size=batch_size, progress=False, lr=lr, seed=seed)
         res = train(x, cfg, sweep=sweep(cfg, lam=list(lams)))
@@ -65,8 +67,7 @@ def run_theory(*, H=64, N=128, K=3, n=8192, steps=3000, lams=(0.3, 1.0), lr=3e-3
 def main(argv=None):
     res = run_theory()
     os.makedirs("results/atoms", exist_ok=True)
-    with open("results/atoms/theory.json", "w") as f:
-        json.dump(res, f, indent=1)
+    atomic_write_bytes("results/atoms/theory.json", json.dumps(res, indent=1).encode())
     for k in ("construction_exact_S", "construction_estimated_S", "construction_euclidean"):
         r = res[k]
         print(f"{k}: ε={r['eps']:.3f} interval=({r['interval_lo']:.3f}, {r['interval_hi']:.3f}) "

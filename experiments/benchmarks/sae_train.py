@@ -10,7 +10,7 @@ Work per step: 12·B·d·M FLOPs (forward 2 matmuls, backward 3, counted as 6 ma
 of 2·B·d·M, the convention of the issue). Timings exclude compilation and data loading: the
 batches are already on the device; each number is the best of a few timed calls (the CPU
 here is shared, so means are noisy). The JAX step is the jitted ``lax.scan`` of
-``sae.train.train_step`` that ``sae.train`` runs. The sweep's "sequential" time is 8× the
+``sae.step.train_step`` that ``sae.train`` runs. The sweep's "sequential" time is 8× the
 single-SAE step time, measured interleaved with the sweep's calls in the same process (8
 sequential runs of the same step).
 
@@ -31,19 +31,21 @@ def _jax_setup(d, M, B, k, matmul_dtype, n_sae=None):
     import jax
     import jax.numpy as jnp
 
-    from sae import train as T
+    import sae
+    from sae.loop import make_chunk_fn
+    from sae.step import init_state
 
-    cfg = T.TrainConfig(d_in=d, width=M, batch_size=B, steps_per_call=k, total_steps=10_000,
+    cfg = sae.TrainConfig(d_in=d, width=M, batch_size=B, steps_per_call=k, total_steps=10_000,
                         lam=1e-2, lr=7e-5, matmul_dtype=matmul_dtype, progress=False)
     stacked = n_sae is not None
     if stacked:
-        hp, seeds = T.sweep(cfg, lam=np.geomspace(1e-3, 1e-1, n_sae))
-        state = jax.jit(jax.vmap(lambda h, kk: T.init_state(cfg, h, kk)[1]))(
+        hp, seeds = sae.sweep(cfg, lam=np.geomspace(1e-3, 1e-1, n_sae))
+        state = jax.jit(jax.vmap(lambda h, kk: init_state(cfg, h, kk)[1]))(
             hp, jax.vmap(jax.random.key)(jnp.asarray(seeds)))
     else:
-        hp = T.HParams.from_config(cfg)
-        state = jax.jit(lambda h, kk: T.init_state(cfg, h, kk)[1])(hp, jax.random.key(0))
-    fn = T.make_chunk_fn(cfg, stacked)
+        hp = sae.HParams.from_config(cfg)
+        state = jax.jit(lambda h, kk: init_state(cfg, h, kk)[1])(hp, jax.random.key(0))
+    fn = make_chunk_fn(cfg, stacked)
     chunk = jax.random.normal(jax.random.key(1), (k, B, d), jnp.float32) / np.sqrt(d)
     return fn, state, chunk, hp
 

@@ -1,0 +1,162 @@
+"""The pure train step: loss → straight-through grads → one optax chain → apply_updates →
+projections. Everything here is jit- and vmap-able; a sweep is ``jax.vmap`` over stacked
+states and hyper-parameters with the batch broadcast (``in_axes=None``).
+
+    graphdef, state = init_state(config, hp, key)
+    state, metrics = train_step(graphdef, state, batch (B, d), hp, config)
+    state, metrics (k, …), finite = train_chunk(graphdef, state, chunk (k, B, d), hp, config)
+
+The optimiser (``optimizer``) is ``optax.chain(clip_by_global_norm, Adam direction,
+scale_by_learning_rate(schedule))``; with β1 = 0 (the GDM recipe) the Adam direction is
+``optax.scale_by_rms(decay=β2, eps_in_sqrt=False, bias_correction=True)`` — Adam without the
+first-moment buffer, one fewer (M, d) state array. The constraints are optax projections
+applied after ``apply_updates``: θ ≥ 0 (``projection_non_negative``) and, optionally, unit
+decoder rows (``projection_l2_sphere`` per row).
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from .config import HParams, TrainConfig
+from .model import JumpReLUSAE, TiedJumpReLUSAE, TopKSAE
+
+__all__ = ["TrainState", "graphdef_of", "init_state", "lam_schedule", "lr_schedule",
+           "make_model", "optimizer", "train_chunk", "train_step"]
+
+
+class TrainState(NamedTuple):
+    """Everything that evolves during training (a pytree; stacked with a leading N axis in a
+    sweep). params: ``nnx.State`` of the model; opt_state: optax state; step: int32 ();
+    since_fired: int32 (M,) steps since each latent last fired (tokens = steps · B)."""
+
+    params: Any
+    opt_state: Any
+    step: Any
+    since_fired: Any
+
+
+def make_model(config: TrainConfig, key, theta_init) -> nnx.Module:
+    """The NNX SAE that ``config.arch`` names, initialised from ``key``."""
+    rngs = nnx.Rngs(params=key)
+    if config.arch == "topk":
+        m = TopKSAE(config.d_in, config.width, config.k, rngs=rngs,
+                    apply_b_dec_to_input=config.apply_b_dec_to_input)
+    else:
+        cls = TiedJumpReLUSAE if config.arch == "tied" else JumpReLUSAE
+        m = cls(config.d_in, config.width, rngs=rngs, theta_init=theta_init,
+                log_theta=config.log_theta, apply_b_dec_to_input=config.apply_b_dec_to_input)
+    m.compute_dtype = None if config.matmul_dtype in (None, "float32") else config.matmul_dtype
+    return m
+
+
+def graphdef_of(config: TrainConfig):
+    """The static graphdef of the model a config describes (cheap: abstract evaluation)."""
+    return nnx.split(nnx.eval_shape(lambda: make_model(config, jax.random.key(0),
+                                                       config.theta_init)))[0]
+
+
+def lr_schedule(config: TrainConfig, lr) -> optax.Schedule:
+    """lr(t), t = optimiser steps done: linear warm-up lr·(t+1)/W over W =
+    ``lr_warmup_steps`` steps, constant, then linear to 0 over the last ``lr_decay_frac`` of
+    ``total_steps`` (the Anthropic recipe's decay). ``lr`` may be traced (a sweep)."""
+    T = config.total_steps
+    W = max(config.lr_warmup_steps, 1)
+    n_decay = int(round(config.lr_decay_frac * T))
+    warm = optax.linear_schedule(lr / W, lr, transition_steps=W - 1) if W > 1 else (
+        optax.constant_schedule(lr))
+    if n_decay <= 0:
+        return warm
+    start = T - n_decay
+    decay = optax.linear_schedule(lr, 0.0, transition_steps=n_decay)
+    return optax.join_schedules([warm, decay], boundaries=[start])
+
+
+def lam_schedule(config: TrainConfig, lam) -> optax.Schedule:
+    """λ(t) = λ · min(1, (t+1)/W), W = ``lam_warmup_steps`` (linear warm-up)."""
+    W = max(config.lam_warmup_steps, 1)
+    return optax.linear_schedule(lam / W, lam, transition_steps=W - 1) if W > 1 else (
+        optax.constant_schedule(lam))
+
+
+def optimizer(config: TrainConfig, lr) -> optax.GradientTransformation:
+    """clip_by_global_norm → Adam(β1, β2, ε) direction → −lr(t) (``lr_schedule``)."""
+    if config.b1 == 0:
+        adam = optax.scale_by_rms(decay=config.b2, eps=config.adam_eps, eps_in_sqrt=False,
+                                  bias_correction=True)
+    else:
+        adam = optax.scale_by_adam(b1=config.b1, b2=config.b2, eps=config.adam_eps)
+    return optax.chain(optax.clip_by_global_norm(config.clip_norm), adam,
+                       optax.scale_by_learning_rate(lr_schedule(config, lr)))
+
+
+def _project(params, config: TrainConfig):
+    """θ ≥ 0 (raw θ parameterisation) and, with ``decoder_norm="unit"``, unit W_dec rows."""
+    if "theta" in params and not config.log_theta:
+        params["theta"] = params["theta"].replace(
+            optax.projections.projection_non_negative(params["theta"][...]))
+    if config.decoder_norm == "unit":
+        w = params["W_dec"][...]
+        params["W_dec"] = params["W_dec"].replace(
+            jax.vmap(optax.projections.projection_l2_sphere)(w))
+    return params
+
+
+def init_state(config: TrainConfig, hp: HParams, key) -> tuple[Any, TrainState]:
+    """Fresh model + optimiser state. vmap over (hp, key) for a sweep. Returns
+    (graphdef, TrainState); the graphdef is static (same for every SAE of the sweep)."""
+    model = make_model(config, key, hp.theta_init)
+    graphdef, params = nnx.split(model)
+    opt_state = optimizer(config, hp.lr).init(params)
+    return graphdef, TrainState(params, opt_state, jnp.zeros((), jnp.int32),
+                                jnp.zeros((config.width,), jnp.int32))
+
+
+def train_step(graphdef, state: TrainState, batch, hp: HParams, config: TrainConfig):
+    """One optimisation step on a batch (B, d). Pure; jit/vmap-able.
+
+    Loss (``JumpReLUSAE.loss``: eq. 4 of Rajamanoharan et al. 2024 or the tanh penalty) →
+    straight-through grads → ``optimizer`` → ``optax.apply_updates`` → ``_project`` → dead
+    counters. Returns (new state, metrics dict of scalars).
+    """
+    B = batch.shape[0]
+    dead_steps = max(1, -(-config.dead_tokens // B))
+    lam_t = lam_schedule(config, hp.lam)(state.step)
+    lr_t = lr_schedule(config, hp.lr)(state.step)
+    dead = state.since_fired >= dead_steps
+    mask = dead.astype(jnp.float32) if config.preact_on == "dead" else None
+
+    def loss_fn(params):
+        model = nnx.merge(graphdef, params)
+        parts = model.loss(batch, lam=lam_t, eps=hp.eps, sparsity=config.sparsity,
+                           tanh_c=config.tanh_c, preact_coef=config.preact_coef,
+                           preact_mask=mask)
+        return parts.loss, parts
+
+    grads, parts = jax.grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = optimizer(config, hp.lr).update(grads, state.opt_state, state.params)
+    params = _project(optax.apply_updates(state.params, updates), config)
+    since = jnp.where(parts.fired > 0, 0, state.since_fired + 1)
+    new_dead = since >= dead_steps
+    metrics = dict(loss=parts.loss, mse=parts.mse, l0=parts.l0,
+                   ev=1.0 - parts.sse / jnp.maximum(parts.sst, 1e-30),
+                   dead_frac=jnp.mean(new_dead.astype(jnp.float32)), lam=lam_t, lr=lr_t,
+                   batch_finite=jnp.all(jnp.isfinite(batch)))
+    return TrainState(params, opt_state, state.step + 1, since), metrics
+
+
+def train_chunk(graphdef, state: TrainState, chunk, hp: HParams, config: TrainConfig):
+    """``lax.scan`` of ``train_step`` over a (k, B, d) chunk. Returns (state, metrics with a
+    leading k axis, params_finite flag)."""
+
+    def body(s, x):
+        return train_step(graphdef, s, x, hp, config)
+
+    state, metrics = jax.lax.scan(body, state, chunk)
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p))
+                                for p in jax.tree.leaves(state.params)]))
+    return state, metrics, finite

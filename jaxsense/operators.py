@@ -44,7 +44,8 @@ class DenseGaussian:
 
     ``B`` (optional, (m, d(d+1)/2)) caches :func:`pack_symmetric` of A: 𝒜(UUᵀ) only sees the
     symmetric part of A_i, so :meth:`apply_gram` reads ≈ half the bytes (the CPU hot loop is
-    bound by reading A; measured ≈ 13% faster per SubGM iteration at d=20, m=500).
+    bound by reading A; the SubGM iteration time is measured by
+    ``python -m experiments.benchmarks.subgm_vs_numpy``, numbers in the README).
     """
 
     A: jax.Array

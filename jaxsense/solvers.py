@@ -11,14 +11,14 @@ One iteration (Ma & Fattahi, Algorithm 1 / eq. 3):
 Step rules (pytrees: η, ρ are leaves, so a sweep can vmap over them):
 - :func:`geometric` — η_t = η ρ^t / ‖Q_t‖₂ (eq. 10). ‖Q_t‖₂ comes from a power iteration
   whose vector is carried in the state (warm start). Plain warm-started power steps lose
-  accuracy when the top singular vector of Q_t switches (measured: up to 20–40% relative
-  error with 3 steps/iteration around the iterations where a new eigenvalue is learned),
+  accuracy when the top singular vector of Q_t switches (around the iterations where a new
+  eigenvalue is learned; the measured error is in the README, "On ‖Q_t‖₂ without SVD"),
   so each iteration applies (QᵀQ)^(2^s) to the carried vector, formed by s trace-normalised
   repeated squarings of QᵀQ (matmuls only: GPU-friendly, no SVD), formed in float32 by
   default (``power_filter_dtype``); σ is the 2×2 Rayleigh–Ritz value on the filtered warm
-  start and a filtered fixed second vector, in Q's dtype. Measured against the SVD along 64
-  paper-size runs × 6000 steps: max relative error 3.0e-12 (float32 filter), 1.3e-15
-  (float64).
+  start and a filtered fixed second vector, in Q's dtype. Its measured error against the
+  SVD (64 paper-size runs) is in the README, "On ‖Q_t‖₂ without SVD";
+  ``tests/test_solvers.py`` asserts the bound along a run.
   ``norm='svd'`` takes the exact value instead — slow on GPU.
 - :func:`polyak` — η_t = (η/2) f(U_t): (η/2) f_ℓ1 for noiseless data (Thm 22), and with
   ``loss='expected_l1'`` (η/2) f̄_ℓ1, which makes the update exactly
@@ -135,11 +135,10 @@ def _ritz_pair(Q, w1, w2):
 
     Why two filtered vectors: when σ₁ ≈ σ₂ the filter cannot separate the pair, but both
     filtered vectors then lie in its 2-D span and the Ritz value is exact there; when the
-    pair is separated, w₁ alone is accurate and the Ritz value can only be higher. Measured
-    along 64 paper-size runs × 6000 steps (p ≤ 0.5), max relative error vs the SVD: 3.0e-12
-    (float32 filter, s = 10) and 1.2e-10 (s = 8), where a single filtered vector (plus a
-    Krylov direction QᵀQw₁) reached 7.7e-6: float32 rounding of the filter leaves ~1e-7
-    of other directions in w₁, which swamps QᵀQw₁'s component along the pair.
+    pair is separated, w₁ alone is accurate and the Ritz value can only be higher. A single
+    filtered vector plus a Krylov direction QᵀQw₁ is worse: float32 rounding of the filter
+    leaves ~1e-7 of other directions in w₁, which swamps QᵀQw₁'s component along the pair
+    (the measured errors of both designs: README, "On ‖Q_t‖₂ without SVD").
     """
     mv = lambda M, x: jnp.einsum("...ij,...j->...i", M, x)  # noqa: E731
     q1, _ = _unit(w1)
@@ -182,10 +181,10 @@ def _power_batched(Q, v, squarings, filter_dtype):
     batch-last, B[i, j, b] ← Σ_k B[k, i, b] B[k, j, b] / trace (= B² once B is symmetric),
     as one elementwise fusion per step vectorised over the instances, inside one
     ``fori_loop`` whose carry forces the physical batch-last layout (a bare XLA transpose
-    became a strided view, 5× slower). Measured for 64 instances at d = 20 on this
-    project's 2-core CPU: 15 µs per step vs 36 µs (squaring) and 80 µs (QᵀQ) for XLA's
-    batched float32 matmuls; in float64 the elementwise form is not faster (45 µs), so
-    float64 filters keep the batched matmuls.
+    became a strided view). On this project's CPU it beat XLA's batched float32 matmuls for
+    64 instances at d = 20, and was not faster in float64, so float64 filters keep the
+    batched matmuls (the sweep timings: README, "Measured benchmarks",
+    ``python -m experiments.benchmarks.subgm_vs_numpy``).
     """
     n, d = Q.shape[-2:]
     Qf = _scaled(Q, filter_dtype, (-2, -1))
@@ -248,14 +247,12 @@ def power_iteration(Q, v, squarings: int = 10, filter_dtype=None):
     B is also applied to a fixed second vector, and σ comes from a 2×2 Rayleigh–Ritz step on
     the two filtered vectors, in Q's dtype (:func:`_ritz_pair`), which keeps nearly
     degenerate top pairs exact. B only selects directions, so a float32 filter costs little
-    accuracy: along 64 paper-size runs × 6000 steps the max relative error against the SVD
-    was 3.0e-12 (a single float64 filtered vector: up to 1.5e-7 along 32 runs). Under
+    accuracy (measured errors: README, "On ‖Q_t‖₂ without SVD"). Under
     ``jax.grad``/``jax.jvp`` use dσ₁ = u₁ᵀ dQ v₁ (exact for a simple top singular value; the
     returned v carries no tangent). Under ``jax.vmap`` a custom batching rule runs the
     squarings batch-last (see
-    :func:`_power_batched`); with the float32 filter that took the 64-instance sweep of
-    ``experiments.benchmarks.subgm_vs_numpy`` from 12.6 to ≈ 10 µs per instance-iteration
-    on this project's 2-core CPU.
+    :func:`_power_batched`; its effect on the 64-instance sweep is timed by
+    ``python -m experiments.benchmarks.subgm_vs_numpy``, numbers in the README).
     """
     name = None if filter_dtype is None else jnp.dtype(filter_dtype).name
     return _power_fn(int(squarings), name)(Q, v)

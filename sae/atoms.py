@@ -1,7 +1,8 @@
 """The atoms analysis (Hu et al., "Towards Atoms of Large Language Models", 2025/26).
 
 Formula layer on plain arrays; no training or model code is imported here (that lives in
-``experiments.atoms``). See ../shared/papers/atoms.md. Several details of the paper are not
+``experiments.atoms``); definitions and measured results: ``docs/atoms.md``. Several
+details of the paper (Hu et al., "Towards atoms of large language models") are not
 public; every such *reconstructed* choice is marked "RECONSTRUCTED" below and kept a
 parameter.
 
@@ -196,7 +197,7 @@ class AIP(NamedTuple):
 def aip_from_moment(m2, *, ridge: float = 0.0, ridge_relative: bool = True,
                     max_cond: float = 1e12, singular: str = "raise",
                     pinv_rtol: float = 1e-10) -> AIP:
-    """S̃ = (E[x xᵀ])⁻¹ (atoms.md §AIP), via a float64 eigendecomposition.
+    """S̃ = (E[x xᵀ])⁻¹ (Hu et al.'s atomic inner product), via a float64 eigendecomposition.
 
     ``ridge`` (default 0 = the paper's plain inverse): adds r·I before inverting; with
     ``ridge_relative`` r = ridge · tr(E[xxᵀ])/H (scale-free; RECONSTRUCTED choice).
@@ -204,7 +205,8 @@ def aip_from_moment(m2, *, ridge: float = 0.0, ridge_relative: bool = True,
     number > ``max_cond`` — naming the value and suggesting ridge > 0 — unless
     ``singular="pinv"``: then eigenvalues ≤ ``pinv_rtol``·λ_max are dropped and S̃ is the
     Moore–Penrose pseudo-inverse (the AIP on the data's span; components outside it get
-    norm 0). Real case: MiniLM's last layer has rank 381 of 384 (measured).
+    norm 0). Real case: MiniLM's last layer is rank-deficient (measured rank in
+    ``docs/atoms.md``).
     Pass a :class:`SecondMoment` or a (H, H) array."""
     if isinstance(m2, SecondMoment):
         m2 = m2.m2
@@ -303,8 +305,8 @@ def angle_summary(angles) -> dict:
 
 def representation_shift(x, aip: AIP, *, key, n_pairs: int = 10000, W_dec_euclid=None,
                          bins: int = 90) -> dict:
-    """Pairwise-angle distributions, Euclidean vs AIP, with controls (atoms.md "representation
-    shift" + the reviewer's circularity critique):
+    """Pairwise-angle distributions, Euclidean vs AIP, with controls (Hu et al.'s
+    "representation shift", plus controls for the circularity critique of it):
 
     - ``activations``: the data rows;
     - ``gaussian_iso``: N(0, I) vectors (a pure-noise reference, ~90° in both geometries
@@ -358,7 +360,7 @@ def l0_per_sample(codes, tol: float = 0.0):
 
 
 def k_from_l0(l0, k_quantile: float | str = 0.5) -> float:
-    """K for the coherence tests from per-sample L0. RECONSTRUCTED: atoms.md reads "K a
+    """K for the coherence tests from per-sample L0. RECONSTRUCTED: we read Hu et al.'s K as "a
     quantile of per-sample L0"; default the median (0.5). Also "mean" or "max"."""
     l0 = np.asarray(l0, np.float64)
     if l0.size == 0:
@@ -377,8 +379,8 @@ def _bound(K):
 
 
 def uniqueness_per_atom(mu_atoms, l0, *, k_quantile: float | str = 0.5) -> dict:
-    """Fraction of atoms with μ_i < 1/(2K − 1), K = :func:`k_from_l0` (atoms.md, v1
-    "uniqueness condition", best reading). Returns {"fraction", "K", "bound", "ok" (N,)}."""
+    """Fraction of atoms with μ_i < 1/(2K − 1), K = :func:`k_from_l0` (Hu et al.'s
+    uniqueness condition, our best reading). Returns {"fraction", "K", "bound", "ok" (N,)}."""
     K = k_from_l0(l0, k_quantile)
     b = float(_bound(K))
     ok = np.asarray(mu_atoms) < b
@@ -387,8 +389,8 @@ def uniqueness_per_atom(mu_atoms, l0, *, k_quantile: float | str = 0.5) -> dict:
 
 def q_star(mu_atoms, l0, *, n_grid: int = 2001) -> float:
     """v2 stability q* = sup{q ∈ [0, 1] : μ_q < 1/(2K_q − 1)}, μ_q and K_q the q-quantiles of
-    per-atom coherence and per-sample L0 (atoms.md, "Metrics"). Both quantiles grow with q,
-    so the set is an interval [0, q*]; evaluated on a grid of ``n_grid`` q values (0 if even
+    per-atom coherence and per-sample L0 (Hu et al.'s stability metric). Both quantiles grow
+    with q, so the set is an interval [0, q*]; evaluated on a grid of ``n_grid`` q values (0 if even
     q = 0 fails). Quantiles use numpy's linear interpolation (RECONSTRUCTED detail)."""
     mu = np.asarray(mu_atoms, np.float64)
     l0 = np.asarray(l0, np.float64)
@@ -407,7 +409,7 @@ def uniqueness_per_sample(D, codes, S=None, *, k_max: int | None = None, mu_atom
     """Per-sample uniqueness tests with |T| = the sample's L0:
 
     - ``support``: support-restricted coherence max_{i≠j∈T}|⟨d_i,d_j⟩_S̃| < 1/(2|T|−1)
-      (atoms.md's per-sample variant: "does the active set itself look orthogonal?" — NOT a
+      (a per-sample variant of Hu et al.'s test: "does the active set itself look orthogonal?" — NOT a
       recovery guarantee on its own);
     - ``atom``: max_{i∈T} μ_i < 1/(2|T|−1) with μ_i against ALL atoms — a rigorous sufficient
       condition for exact recovery of that sample by BP/OMP (ERC via Gershgorin).
@@ -524,7 +526,7 @@ def l1_recoverability(D, codes, *, x=None, b_dec=None, S=None, target: str = "re
 
 # ============================================================================ units table
 def neuron_units(x):
-    """Neurons as units: D = I (H×H), codes = x, b_dec = 0 (atoms.md "Neurons")."""
+    """Neurons as units: D = I (H×H), codes = x, b_dec = 0 (Hu et al.'s neuron baseline)."""
     x = np.asarray(x, np.float32)
     return {"D": np.eye(x.shape[1], dtype=np.float32), "codes": x,
             "b_dec": np.zeros(x.shape[1], np.float32), "x_hat": x}
@@ -633,7 +635,7 @@ def planted_data(key, *, H: int = 64, N: int = 128, K: int = 3, n: int = 4096,
 
 
 def threshold_interval(eps: float, K: int, delta_min: float, delta_max: float) -> dict:
-    """The threshold-SAE identifiability interval (atoms.md "Conditions", classical form):
+    """The threshold-SAE identifiability interval (Hu et al.'s identifiability conditions, classical form):
     ε K δ_max < τ < δ_min − ε (K − 1) δ_max, feasible iff δ_min > ε (2K − 1) δ_max."""
     lo = eps * K * delta_max
     hi = delta_min - eps * (K - 1) * delta_max

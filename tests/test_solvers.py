@@ -7,7 +7,7 @@ import pytest
 import jaxsense as js
 from jaxsense import losses, solvers
 
-ETA, RHO, T = 0.2, 0.996, 6000  # reconstructed step constants (see README / subgm.md)
+ETA, RHO, T = 0.2, 0.996, 6000  # reconstructed step constants (README, experiments/subgm/settings.py)
 
 
 def _paper_problem(seed=0, p=0.1):
@@ -30,7 +30,8 @@ def test_power_iteration_matches_svd_along_run(filter_dtype, x64):
 
     _, (est, exact) = jax.lax.scan(step, solver.init(U0), None, length=3000)
     rel = np.abs(np.asarray(est) - np.asarray(exact)) / np.asarray(exact)
-    # the issue asks 1e-6; 64 runs × 6000 steps measured ≤ 3e-12 (float32 filter)
+    # well below the 1e-6 a step size needs; the measured worst case is in the README
+    # ("On ‖Q_t‖₂ without SVD"), far under this bound
     assert rel.max() <= 1e-9, rel.max()
 
 

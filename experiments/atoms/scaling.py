@@ -1,4 +1,5 @@
-"""Scaling grid (atoms.md experiment 6): data size |M| × dictionary size |D| → eval R² heat map.
+"""Scaling grid (the data-size × dictionary-size experiment of Hu et al., "Towards atoms of large
+language models"): data size |M| × dictionary size |D| → eval R² heat map.
 
     python -m experiments.atoms.scaling [--cache-dir DIR] [--layer 1] [--M 1000,3000,9000]
         [--D-mult 1,2,4,8] [--variant tied|whitened|euclid] [--steps 400]

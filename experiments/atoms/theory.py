@@ -1,4 +1,5 @@
-"""Theory check on planted data (atoms.md "Conditions"): ``python -m experiments.atoms.theory``.
+"""Theory check on planted data (the identifiability conditions of Hu et al., "Towards atoms
+of large language models"): ``python -m experiments.atoms.theory``.
 
 Planted x = D δ (Dirac–Hadamard D, H=64, N=128, μ = 1/8; K=3 non-negative codes in
 [0.7, 1]). Reports

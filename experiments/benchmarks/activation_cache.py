@@ -1,4 +1,4 @@
-"""Benchmark of the activation cache (issue 5), CPU-sized: about a minute.
+"""Benchmark of the activation cache (``sae.cache`` / ``sae.store``), CPU-sized: about a minute.
 
 1. Caching throughput: ``cache_activations`` (tokenise, forward, gather non-special rows,
    convert, write + fsync + sha256, commit) against the bare model forward (tokenise +

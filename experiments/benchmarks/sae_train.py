@@ -7,7 +7,7 @@ sweep of 8 SAEs vs 8 sequential runs.
                                                           # (automatic when a GPU is present)
 
 Work per step: 12·B·d·M FLOPs (forward 2 matmuls, backward 3, counted as 6 matmul-equivalents
-of 2·B·d·M, the convention of the issue). Timings exclude compilation and data loading: the
+of 2·B·d·M, the usual training-FLOP convention). Timings exclude compilation and data loading: the
 batches are already on the device; each number is the best of a few timed calls (the CPU
 here is shared, so means are noisy). The JAX step is the jitted ``lax.scan`` of
 ``sae.step.train_step`` that ``sae.train`` runs. The sweep's "sequential" time is 8× the

@@ -1,4 +1,4 @@
-"""Phase transitions of SubGM-ℓ1 vs GD-ℓ2 (beyond the paper; issue 3 §4).
+"""Phase transitions of SubGM-ℓ1 vs GD-ℓ2 (beyond Ma & Fattahi, JMLR 24(96), 2023).
 
     python -m experiments.subgm.phase_transition [--quick] [--seeds 8] [--out results/subgm]
 

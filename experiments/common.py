@@ -27,21 +27,39 @@ def _to_jsonable(x):
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Atomic write (temporary file, fsync, rename): see :func:`sae.io.atomic_write_bytes`."""
-    from sae.io import atomic_write_bytes as _write
+    """Write ``data`` to ``path`` atomically with the repo's one writer,
+    :func:`sae._atomic.atomic_write_bytes` (temporary file, fsync, rename); returns a Path.
+    (Imported on use: importing ``sae`` loads jax.)"""
+    from sae._atomic import atomic_write_bytes as write
 
-    return Path(_write(path, data))
-
-
-def save_json(path, obj) -> Path:
-    return atomic_write_bytes(path, json.dumps(_to_jsonable(obj), indent=1).encode())
+    return Path(write(path, data))
 
 
-def save_fig(fig, path) -> Path:
+def atomic_savez(path: str | os.PathLike, **arrays) -> Path:
+    """``np.savez`` to ``path``, atomically (:func:`sae._atomic.atomic_savez`)."""
+    from sae._atomic import atomic_savez as savez
+
+    return Path(savez(path, **arrays))
+
+
+def save_json(path, obj, **dumps_kw) -> Path:
+    """``obj`` as JSON (numpy arrays as lists, non-finite floats as strings), atomically.
+    ``dumps_kw`` go to ``json.dumps`` (default ``indent=1``)."""
+    dumps_kw.setdefault("indent", 1)
+    return atomic_write_bytes(path, json.dumps(_to_jsonable(obj), **dumps_kw).encode())
+
+
+def save_text(path, text: str) -> Path:
+    """``text`` as UTF-8, atomically."""
+    return atomic_write_bytes(path, text.encode())
+
+
+def save_fig(fig, path, *, dpi: int = 130, bbox_inches: str | None = "tight") -> Path:
+    """A matplotlib figure as PNG, atomically."""
     import io
 
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=130, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches=bbox_inches)
     return atomic_write_bytes(path, buf.getvalue())
 
 

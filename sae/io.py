@@ -1,7 +1,8 @@
 """Load / save SAE weights: Gemma Scope ``params.npz`` and the SAELens folder layout
-(``sae_weights.safetensors`` + ``cfg.json``). Every file is written atomically (temporary
-name in the same folder, fsync, then ``os.replace``); in the SAELens layout cfg.json is
-written last and is the commit point.
+(``sae_weights.safetensors`` + ``cfg.json``). Every file is written atomically by
+:func:`sae._atomic.atomic_write_bytes` (temporary name in the same folder, fsync,
+``os.replace``, fsync of the folder); in the SAELens layout cfg.json is written last and is
+the commit point.
 
 Params are plain dicts of numpy arrays in the Gemma Scope layout:
     W_enc (d, M), W_dec (M, d), b_enc (M,), b_dec (d,), threshold (M,)
@@ -11,9 +12,10 @@ from __future__ import annotations
 import io as _io
 import json
 import os
-import tempfile
 
 import numpy as np
+
+from sae._atomic import atomic_write_bytes  # the one atomic writer (re-exported)
 
 __all__ = [
     "atomic_write_bytes",
@@ -42,35 +44,6 @@ def validate_params(params: dict) -> tuple[int, int]:
             raise ValueError(f"{k} must have shape {s} to match W_enc {W_enc.shape}, got "
                              f"{np.shape(params[k])}")
     return d, M
-
-
-def atomic_write_bytes(path, data: bytes) -> str:
-    """Write ``data`` to ``path`` atomically: a unique temporary file in the same folder,
-    fsync, ``os.replace``, then fsync the folder. On any error the temporary file is removed
-    and ``path`` is untouched. The one atomic writer of the repo (io, experiments)."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    try:
-        dfd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:  # some filesystems refuse fsync on a directory
-        pass
-    return path
 
 
 def save_gemmascope(path: str, params: dict) -> str:

@@ -27,6 +27,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from experiments.common import atomic_savez, atomic_write_bytes, save_fig, save_text
 from sae import atoms as at
 
 EMBEDDED = "embedded:all-MiniLM-L6-v2"
@@ -226,7 +227,7 @@ def analyze_layer(x: np.ndarray, cfg: AtomsConfig, layer: int, log=print,
             if name != "neurons":
                 arrs["D_" + name] = np.asarray(u["D"], np.float32)
                 arrs["b_dec_" + name] = np.asarray(u["b_dec"], np.float32)
-        np.savez(os.path.join(save_dir, f"units_layer{layer}.npz"), **arrs)
+        atomic_savez(os.path.join(save_dir, f"units_layer{layer}.npz"), **arrs)
     ks = jax.random.split(key, len(units) + 1)
     for (name, u), k in zip(units.items(), ks[1:]):
         out["rows"][name] = at.unit_metrics(
@@ -275,8 +276,8 @@ def write_outputs(result: dict, out_dir: str) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     layers = result["layers"]
     result["average"] = averages(layers)
-    with open(out / "table.json", "w") as f:
-        json.dump(result, f, indent=1, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
+    atomic_write_bytes(out / "table.json", json.dumps(
+        result, indent=1, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)).encode())
     lines = [f"# Atoms units table — {result['model']}", "",
              f"{result.get('command', '')}", "",
              ("Eval split metrics (see docs/atoms.md for every definition). "
@@ -306,7 +307,7 @@ def write_outputs(result: dict, out_dir: str) -> dict:
             cells = [f"λ={m['lam']:g}: R² {m['r2']:.3f}, L0 {m['l0_mean']:.1f}" +
                      ("*" if i == s["selected"] else "") for i, m in enumerate(s["members"])]
             lines.append(f"- layer {L['layer']} {v}: " + "; ".join(cells))
-    (out / "table.md").write_text("\n".join(lines) + "\n")
+    save_text(out / "table.md", "\n".join(lines) + "\n")
     _plots(result, out)
     return result
 
@@ -336,7 +337,7 @@ def _plots(result, out: Path):
             ax.set_xlim(0, 180)
     axes[0, 0].legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(out / "angles.png", dpi=110)
+    save_fig(fig, out / "angles.png", dpi=110, bbox_inches=None)
     plt.close(fig)
 
     if not layers[0]["rows"]:
@@ -352,7 +353,7 @@ def _plots(result, out: Path):
         a.set_xlabel("layer")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "units_per_layer.png", dpi=110)
+    save_fig(fig, out / "units_per_layer.png", dpi=110, bbox_inches=None)
     plt.close(fig)
 
 

@@ -16,6 +16,7 @@ import sys
 import jax
 import numpy as np
 
+from experiments.common import atomic_write_bytes
 from sae import atoms as at
 
 
@@ -51,8 +52,7 @@ def main(argv=None):
         print(f"layer {layer}: " + "; ".join(
             f"{k} {v['euclid']['mean']:.1f}→{v['aip']['mean']:.1f}°" for k, v in rs.items()))
     os.makedirs(a.out, exist_ok=True)
-    with open(os.path.join(a.out, "shift.json"), "w") as fh:
-        json.dump(out, fh)
+    atomic_write_bytes(os.path.join(a.out, "shift.json"), json.dumps(out).encode())
     # reuse the run's angle plot (rows of the table are not needed for it)
     import matplotlib
 
@@ -68,7 +68,7 @@ def main(argv=None):
     except (IndexError, KeyError, ValueError):
         pass
     if (tmp / "angles.png").exists():
-        shutil.move(str(tmp / "angles.png"), os.path.join(a.out, "shift.png"))
+        atomic_write_bytes(os.path.join(a.out, "shift.png"), (tmp / "angles.png").read_bytes())
     shutil.rmtree(tmp, ignore_errors=True)
     print(f"wrote {a.out}/shift.json shift.png")
     return out

@@ -3,7 +3,7 @@
 :func:`cache_activations` runs a causal LM or encoder (``AutoModel``: the base model, no
 LM head) over a deterministic stream of texts and writes, per committed shard, the
 activations of the chosen layers plus token ids, positions and text indices (format: see
-:mod:`sae.store`).
+:mod:`sae.format`).
 
 Which activation is "layer l"
 -----------------------------
@@ -51,12 +51,11 @@ from typing import Any
 import numpy as np
 
 from sae.corpus import CHAIN_START, TextSource, as_text_source, chain_hash
-from sae.store import (
-    _STORAGE_DTYPES,
+from sae._atomic import atomic_save_npy, fsync_dir, is_temp_name
+from sae.format import (
     FORMAT,
     MANIFEST_NAME,
-    atomic_save_npy,
-    fsync_dir,
+    STORAGE_DTYPES,
     layer_key,
     read_manifest,
     shard_file_name,
@@ -66,18 +65,24 @@ from sae.store import (
 
 __all__ = ["cache_activations", "disk_bytes_per_million_tokens", "find_blocks"]
 
-DTYPES = tuple(_STORAGE_DTYPES)
+DTYPES = tuple(STORAGE_DTYPES)
 #: Manifest fields that must agree for a run to continue (resume) an existing cache.
 IDENTITY_FIELDS = ("model", "tokenizer", "layers", "d_model", "dtype", "context_length",
                    "batch_size", "tokens_per_shard", "exclude_special_ids", "source")
-_OWN_FILE = re.compile(r"^(manifest\.json|shard_\d{6}\.[a-z_0-9]+\.npy|\..*\.tmp-\d+)$")
+_OWN_FILE = re.compile(r"^(manifest\.json|shard_\d{6}\.[a-z_0-9]+\.npy)$")
+
+
+def _own_file(name: str) -> bool:
+    """A file this module writes: the manifest, a shard file, or a temporary file of the
+    atomic writer (a leftover of a killed run)."""
+    return bool(_OWN_FILE.match(name)) or is_temp_name(name)
 
 
 def disk_bytes_per_million_tokens(d_model: int, dtype: str = "bfloat16", n_layers: int = 1,
                                   with_tokens: bool = True) -> int:
     """Bytes on disk per 1e6 cached tokens: ``d_model × bytes(dtype) × 1e6 × n_layers``
     plus 16 bytes/token of token id, position and text index when ``with_tokens``."""
-    act = d_model * _STORAGE_DTYPES[dtype].itemsize * n_layers
+    act = d_model * STORAGE_DTYPES[dtype].itemsize * n_layers
     return int(1_000_000 * (act + (16 if with_tokens else 0)))
 
 
@@ -250,7 +255,7 @@ def _existing_cache_check(out: Path, identity: dict, resume: bool) -> dict | Non
                 f"pass resume=True to continue it or choose an empty folder"
             )
         return old
-    strangers = [p.name for p in out.iterdir() if not _OWN_FILE.match(p.name)]
+    strangers = [p.name for p in out.iterdir() if not _own_file(p.name)]
     if strangers:
         raise ValueError(
             f"out_dir={str(out)!r}: not empty and holds no activation cache "
@@ -364,7 +369,7 @@ def _commit_shard(out: Path, manifest: dict, buf: _ShardBuffer, chain: str) -> N
     """Write the buffered shard (all files atomic), then commit it in the manifest."""
     index = len(manifest["shards"])
     d = manifest["d_model"]
-    dt = _STORAGE_DTYPES[manifest["dtype"]]
+    dt = STORAGE_DTYPES[manifest["dtype"]]
     arrays = {}
     for l in buf.layers:
         arrays[layer_key(l)] = (np.concatenate(buf.acts[l]) if buf.acts[l]
@@ -394,7 +399,7 @@ def _remove_uncommitted(out: Path, manifest: dict | None) -> None:
         for s in manifest["shards"]:
             keep.update(f["file"] for f in s["files"].values())
     for p in out.iterdir():
-        if p.name != MANIFEST_NAME and _OWN_FILE.match(p.name) and p.name not in keep:
+        if p.name != MANIFEST_NAME and _own_file(p.name) and p.name not in keep:
             p.unlink()
 
 
@@ -509,7 +514,7 @@ def cache_activations(
                     "n_layers": n_layers, "complete": False, "n_tokens": 0, "shards": [],
                     "layer_semantics": "output of block l (0-based) = hidden_states[l+1], "
                                        "pre-final-norm at the last block",
-                    "storage_dtype": str(_STORAGE_DTYPES[dtype]), "runs": []}
+                    "storage_dtype": str(STORAGE_DTYPES[dtype]), "runs": []}
         manifest["source"] = {"description": source.description, "texts_consumed": 0,
                               "text_chain": CHAIN_START}
     # Skip (and re-hash) the texts that committed shards consumed.

@@ -1,8 +1,10 @@
 """ActivationStore: shuffling, batching, device sharding, float64 moments, integrity checks."""
+import gc
 import itertools
 import json
 import os
 import shutil
+import threading
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_VERBOSITY"] = "error"
@@ -13,6 +15,7 @@ import pytest
 from _cache_worker import make_tiny_model, synthetic_texts
 
 from sae.activations import ActivationStore, cache_activations
+from sae.shuffle import plan_rows
 
 D = 32
 
@@ -85,21 +88,7 @@ def test_shuffle_is_seeded_and_changes_per_epoch(cache_dir):
 
 def _plan_rows(st, epoch=0):
     """Global row ids of each batch of an epoch, from the store's plan (no reading)."""
-    from sae.store import _Chunks
-
-    out = []
-    for plan in st._batch_plans(epoch):
-        ids = []
-        for s, p in plan:
-            if isinstance(p, slice):
-                r = np.arange(p.start, p.stop)
-            elif isinstance(p, _Chunks):
-                r = (p.idx[:, None] * st.chunk_rows + np.arange(st.chunk_rows)).ravel()
-            else:
-                r = np.asarray(p)
-            ids.append(r + st._offsets[s])
-        out.append(np.concatenate(ids))
-    return out
+    return [plan_rows(p, st.shard_sizes, st.chunk_rows) for p in st._batch_plans(epoch)]
 
 
 BLOCK_CONFIGS = [{}, {"chunk_rows": 1},
@@ -170,10 +159,35 @@ def test_unshuffled_reads_cache_order_and_batches_stream(cache_dir):
     np.testing.assert_array_equal(np.concatenate(got), _rows(st))
     stream = ActivationStore(cache_dir, layer=2, batch_size=37).batches(num_batches=3 * len(st))
     assert sum(1 for _ in stream) == 3 * len(st)
-    # abandoning an iteration mid-epoch does not hang the prefetch thread
-    it = iter(ActivationStore(cache_dir, layer=2, batch_size=8, prefetch=2))
-    next(it)
-    it.close()
+
+
+def _prefetch_threads():
+    return {t for t in threading.enumerate() if t.name == "ActivationStore-prefetch"}
+
+
+@pytest.mark.timeout(60)
+def test_abandoning_an_epoch_stops_the_prefetch_thread(cache_dir):
+    """Closing (or dropping) an iteration mid-epoch ends its prefetch thread, which was
+    blocked on a full queue; a new iteration of the same epoch starts from batch 0 again."""
+    kw = {"layer": 2, "batch_size": 8, "seed": 6, "as_numpy": True}
+    ref = list(itertools.islice(ActivationStore(cache_dir, prefetch=0, **kw), 3))
+    st = ActivationStore(cache_dir, prefetch=2, **kw)
+    assert len(st) > 10  # the thread is far from the end of the epoch when abandoned
+    before = _prefetch_threads()
+    it = iter(st)
+    np.testing.assert_array_equal(next(it), ref[0])
+    (t,) = _prefetch_threads() - before
+    assert t.is_alive()
+    it.close()  # returns only once the thread has exited
+    assert not t.is_alive()
+    again = st.iter_epoch(0)
+    for r in ref:
+        np.testing.assert_array_equal(next(again), r)
+    (t2,) = _prefetch_threads() - before
+    del again  # dropped without close(): the generator's finaliser stops the thread
+    gc.collect()
+    t2.join(timeout=30)
+    assert not t2.is_alive() and not (_prefetch_threads() - before)
 
 
 def test_batches_sharded_over_device_mesh(cache_dir):
@@ -203,6 +217,25 @@ def test_moments_are_float64_and_exact(cache_dir):
     part = st.moments(max_tokens=150)
     assert part.count == 150
     np.testing.assert_allclose(part.second_moment, x[:150].T @ x[:150] / 150, rtol=1e-12)
+
+
+def test_store_moments_equal_atoms_second_moment(cache_dir):
+    """``ActivationStore.moments`` and ``sae.atoms.second_moment`` /
+    ``store_second_moment`` share one accumulator and agree on the same rows."""
+    from sae import atoms as at
+
+    st = ActivationStore(cache_dir, layer=0)
+    mom = st.moments(chunk_tokens=53)
+    for m in (at.second_moment(_rows(st)), at.store_second_moment(st, chunk_rows=200)):
+        assert m.n == mom.count == st.n_tokens
+        np.testing.assert_allclose(m.m2, mom.second_moment, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(m.mean, mom.mean, rtol=1e-12, atol=1e-12)
+    part = st.moments(max_tokens=150)
+    np.testing.assert_allclose(at.second_moment(_rows(st)[:150]).m2, part.second_moment,
+                               rtol=1e-12, atol=1e-12)
+    for bad in ({"max_tokens": 0}, {"chunk_tokens": 0}):
+        with pytest.raises(ValueError, match=f"{next(iter(bad))}=0: expected a positive int"):
+            st.moments(**bad)
 
 
 def test_store_argument_errors(cache_dir):
@@ -295,8 +328,9 @@ def test_store_plugs_into_sae_training(cache_dir):
     assert np.isfinite(res.params["W_dec"]).all()
 
 
-def test_recycled_buffers_never_overwrite_batches_still_held(cache_dir):
-    """Batch buffers are recycled once released; batches the caller keeps stay intact."""
+def test_batches_the_caller_keeps_are_never_overwritten(cache_dir):
+    """Every batch has its own buffer: batches (or views of them) kept across a whole
+    epoch still hold their rows afterwards, numpy or aliasing jax arrays alike."""
     ref = list(ActivationStore(cache_dir, layer=2, batch_size=32, seed=9, as_numpy=True,
                                prefetch=0))
     ref = [r.copy() for r in ref]
@@ -307,16 +341,14 @@ def test_recycled_buffers_never_overwrite_batches_still_held(cache_dir):
             if i % 3 == 0:
                 kept[i] = x if i % 2 else x[:5]
             np.testing.assert_array_equal(np.asarray(x), ref[i])
-        # released buffers were reused: allocations ~ batches still held, not batches made
-        assert st._pool.n_allocated <= len(kept) + 8 < len(ref)
         for i, x in kept.items():
             np.testing.assert_array_equal(np.asarray(x), ref[i][: len(x)])
 
 
 def test_cpu_batches_are_synchronous_zero_copy_and_match_device_put(cache_dir):
     """On a CPU device the default is synchronous (no prefetch thread); the jax batches are
-    what ``jax.device_put`` gives (values, committedness, sharding), alias the gathered
-    buffer, and dropped batches are recycled at once (two buffers in rotation)."""
+    what ``jax.device_put`` gives (values, committedness, sharding) and alias the
+    64-byte-aligned gathered buffer (no second copy)."""
     cpu = jax.devices("cpu")[0]
     kw = {"layer": 2, "batch_size": 32, "seed": 3}
     assert ActivationStore(cache_dir, **kw).prefetch == 0
@@ -335,12 +367,13 @@ def test_cpu_batches_are_synchronous_zero_copy_and_match_device_put(cache_dir):
             want = jax.device_put(r, extra.get("device"))
             assert x.committed == want.committed and x.sharding == want.sharding
             assert np.asarray(x + 1).sum() == np.asarray(want + 1).sum()
-    st = ActivationStore(cache_dir, **kw)
-    ptrs = set()
-    for _ in range(2):
-        for x in st:  # the caller drops each batch before the next
-            ptrs.add(x.unsafe_buffer_pointer())
-    assert len(ptrs) <= 2 and st._pool.n_allocated <= 2
+    for extra in ({}, {"device": cpu}):
+        st = ActivationStore(cache_dir, **kw, **extra)
+        buf = st._gather(next(iter(st._batch_plans(0))))
+        assert buf.ctypes.data % 64 == 0
+        x = st._to_device(buf)
+        assert x.unsafe_buffer_pointer() == buf.ctypes.data  # zero-copy alias
+        np.testing.assert_array_equal(np.asarray(x), ref[0])
     # a cast to a dtype jax would change (float64 without x64) goes through device_put
     x64 = next(iter(ActivationStore(cache_dir, dtype=np.float64, **kw)))
     assert x64.dtype == jax.device_put(np.zeros(1)).dtype

@@ -57,6 +57,10 @@ class TrainConfig:
       update).
     preact_on: "dead" (Anthropic pre-activation loss only on dead latents) | "all".
     dead_tokens: a latent is dead after this many tokens without firing.
+    target_l0: None, or the mean L0 the run should land on: λ is then adapted during
+      training by an integral controller in log space (``sae.step.train_step``):
+      a ← a + ``target_l0_rate`` · log(max(L0_batch, 0.5) / target_l0), λ(t) = λ_sched(t)·eᵃ.
+      (Our method; SAELens and sparsify offer target-L0 training under other schemes.)
     steps_per_call: steps scanned inside one jitted call (data arrive as (k, B, d) chunks).
     matmul_dtype: None | "bfloat16" (matmul operands; accumulation and Adam in f32).
     seed: init seed of a single SAE (a sweep has its own seeds); data_seed: shuffling seed of
@@ -91,6 +95,8 @@ class TrainConfig:
     preact_coef: float | None = None
     preact_on: str = "dead"
     dead_tokens: int = 10_000_000
+    target_l0: float | None = None
+    target_l0_rate: float = 0.01
     steps_per_call: int = 1
     log_every: int = 100
     checkpoint_every: int = 0
@@ -135,6 +141,13 @@ class TrainConfig:
             check_scalar(n, getattr(self, n), low=0.0, low_open=True)
         check_scalar("preact_coef", self.preact_coef, low=0.0)
         check_scalar("lr_decay_frac", self.lr_decay_frac, low=0.0, high=1.0)
+        check_scalar("target_l0_rate", self.target_l0_rate, low=0.0, low_open=True)
+        if self.target_l0 is not None:
+            check_scalar("target_l0", self.target_l0, low=0.0, high=float(self.width),
+                         low_open=True)
+            if self.arch == "topk":
+                raise ValueError(f"target_l0={self.target_l0}: a TopK SAE has L0 = k by "
+                                 f"construction; set k instead (arch='topk')")
         check_scalar("b1", self.b1, low=0.0, high=1.0, high_open=True)
         check_scalar("b2", self.b2, low=0.0, high=1.0, high_open=True)
         if self.checkpoint_every % self.steps_per_call:

@@ -32,12 +32,14 @@ __all__ = ["TrainState", "graphdef_of", "init_state", "lam_schedule", "lr_schedu
 class TrainState(NamedTuple):
     """Everything that evolves during training (a pytree; stacked with a leading N axis in a
     sweep). params: ``nnx.State`` of the model; opt_state: optax state; step: int32 ();
-    since_fired: int32 (M,) steps since each latent last fired (tokens = steps · B)."""
+    since_fired: int32 (M,) steps since each latent last fired (tokens = steps · B);
+    log_lam: float32 () the log-multiplier a of λ that ``target_l0`` adapts (0 otherwise)."""
 
     params: Any
     opt_state: Any
     step: Any
     since_fired: Any
+    log_lam: Any
 
 
 def make_model(config: TrainConfig, key, theta_init) -> nnx.Module:
@@ -113,7 +115,8 @@ def init_state(config: TrainConfig, hp: HParams, key) -> tuple[Any, TrainState]:
     graphdef, params = nnx.split(model)
     opt_state = optimizer(config, hp.lr).init(params)
     return graphdef, TrainState(params, opt_state, jnp.zeros((), jnp.int32),
-                                jnp.zeros((config.width,), jnp.int32))
+                                jnp.zeros((config.width,), jnp.int32),
+                                jnp.zeros((), jnp.float32))
 
 
 def train_step(graphdef, state: TrainState, batch, hp: HParams, config: TrainConfig):
@@ -121,11 +124,11 @@ def train_step(graphdef, state: TrainState, batch, hp: HParams, config: TrainCon
 
     Loss (``JumpReLUSAE.loss``: eq. 4 of Rajamanoharan et al. 2024 or the tanh penalty) →
     straight-through grads → ``optimizer`` → ``optax.apply_updates`` → ``_project`` → dead
-    counters. Returns (new state, metrics dict of scalars).
+    counters → (with ``config.target_l0``) the λ controller a += rate·log(L0/target). Returns (new state, metrics dict of scalars).
     """
     B = batch.shape[0]
     dead_steps = max(1, -(-config.dead_tokens // B))
-    lam_t = lam_schedule(config, hp.lam)(state.step)
+    lam_t = lam_schedule(config, hp.lam)(state.step) * jnp.exp(state.log_lam)
     lr_t = lr_schedule(config, hp.lr)(state.step)
     dead = state.since_fired >= dead_steps
     mask = dead.astype(jnp.float32) if config.preact_on == "dead" else None
@@ -142,11 +145,15 @@ def train_step(graphdef, state: TrainState, batch, hp: HParams, config: TrainCon
     params = _project(optax.apply_updates(state.params, updates), config)
     since = jnp.where(parts.fired > 0, 0, state.since_fired + 1)
     new_dead = since >= dead_steps
+    log_lam = state.log_lam
+    if config.target_l0 is not None:  # integral control of λ in log space (TrainConfig)
+        log_lam = log_lam + config.target_l0_rate * jnp.log(
+            jnp.maximum(parts.l0, 0.5) / config.target_l0)
     metrics = dict(loss=parts.loss, mse=parts.mse, l0=parts.l0,
                    ev=1.0 - parts.sse / jnp.maximum(parts.sst, 1e-30),
                    dead_frac=jnp.mean(new_dead.astype(jnp.float32)), lam=lam_t, lr=lr_t,
                    batch_finite=jnp.all(jnp.isfinite(batch)))
-    return TrainState(params, opt_state, state.step + 1, since), metrics
+    return TrainState(params, opt_state, state.step + 1, since, log_lam), metrics
 
 
 def train_chunk(graphdef, state: TrainState, chunk, hp: HParams, config: TrainConfig):

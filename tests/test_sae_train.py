@@ -255,3 +255,27 @@ def test_tied_sae_on_whitened_inputs_is_the_aip_tied_sae():
     err = x - xh_act
     sq_S = np.einsum("ni,ij,nj->n", err, S, err)
     np.testing.assert_allclose(np.sum((xw - np.asarray(m(xw))) ** 2, -1), sq_S, rtol=1e-4)
+
+
+def test_target_l0_lands_on_the_target():
+    X = _data(n=4096)
+    lam_end = {}
+    for target in (3.0, 8.0):
+        cfg = _cfg(total_steps=600, target_l0=target, target_l0_rate=0.02, lam=1e-2,
+                   lam_warmup_steps=0, steps_per_call=50, log_every=50)
+        res = sae.train(X, cfg)
+        l0_end = np.mean([h["l0"] for h in res.history[-4:]])  # last 200 steps
+        assert abs(l0_end / target - 1) <= 0.10, (l0_end, target)
+        held = np.mean((res.encode(X[:1024]) != 0).sum(1))
+        assert abs(held / target - 1) <= 0.15, (held, target)
+        lam_end[target] = res.history[-1]["lam"]
+    assert lam_end[3.0] > lam_end[8.0]  # a sparser target needs a larger λ
+
+
+def test_target_l0_rejected_for_topk_and_out_of_range():
+    with pytest.raises(ValueError, match="target_l0"):
+        _cfg(arch="topk", k=3, target_l0=3.0)
+    with pytest.raises(ValueError, match="target_l0"):
+        _cfg(target_l0=0.0)
+    with pytest.raises(ValueError, match="target_l0"):
+        _cfg(target_l0=1e6)

@@ -4,19 +4,22 @@ sharding resolution and the background prefetch thread. Public JAX API only.
 On a CPU device ``jax.device_put`` of a numpy array whose data pointer is 64-byte aligned
 returns a jax array that *aliases* the numpy buffer (zero-copy; checked in
 tests/test_activations_store.py); an unaligned one is copied. The store therefore gathers
-each batch into a fresh :func:`aligned_empty` buffer that it never touches again once
-handed out, so the alias is safe.
+each batch into an aligned buffer of a :class:`BufferPool` (or a fresh
+:func:`aligned_empty` one), which is written again only once no array refers to it.
 """
 from __future__ import annotations
 
+import collections
 import queue
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 
 __all__ = [
+    "BufferPool",
     "aligned_empty",
     "default_prefetch",
     "make_put",
@@ -33,6 +36,56 @@ def aligned_empty(shape: tuple, dtype, align: int = 64) -> np.ndarray:
     raw = np.empty(nbytes + align, np.uint8)
     off = (-raw.ctypes.data) % align
     return raw[off:off + nbytes].view(dtype).reshape(shape)
+
+
+class _Lease(np.ndarray):
+    """A view of one pooled slab; alive exactly as long as some array uses the slab."""
+
+
+class BufferPool:
+    """Batch buffers that are reused once nothing refers to them any more.
+
+    :meth:`get` lends a 64-byte-aligned slab wrapped in a :class:`_Lease` view: the array
+    it returns, every view of that array, and a CPU jax array aliasing it (jaxlib keeps a
+    reference to the numpy array for as long as XLA may read its memory) all keep the
+    lease alive. When the last of them is gone, ``weakref.finalize`` hands the slab back to
+    the pool. That is the lifetime rule of every numpy array, whose memory ``malloc`` reuses
+    once it is freed; the pool never guesses from reference counts. Risk, the same as for
+    freed numpy memory: a raw address kept without a Python reference to the array
+    (``unsafe_buffer_pointer()``, ``ctypes`` pointers, a C extension that borrows the
+    pointer past the array's life) may see a later batch.
+
+    Reusing slabs instead of fresh memory per batch saves ``malloc``/``madvise`` and page
+    work per batch: ≈ 15 % of the CPU time of a shuffled epoch here (docs/activations.md).
+    """
+
+    def __init__(self, max_free: int = 4):
+        if not isinstance(max_free, int) or max_free < 0:
+            raise ValueError(f"max_free={max_free!r}: expected an int >= 0")
+        self._free: collections.deque = collections.deque()  # append/pop are atomic
+        self.max_free = max_free
+        self.n_allocated = 0
+
+    def get(self, shape: tuple, dtype) -> np.ndarray:
+        """An uninitialised, 64-byte-aligned, C-contiguous array of ``shape`` and ``dtype``
+        (a plain ``np.ndarray``)."""
+        dtype = np.dtype(dtype)
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        try:
+            slab = self._free.pop()
+        except IndexError:
+            slab = None
+        if slab is None or slab.nbytes < nbytes + 64:
+            slab = np.empty(nbytes + 64, np.uint8)
+            self.n_allocated += 1
+        lease = slab.view(_Lease)
+        weakref.finalize(lease, self._give_back, slab).atexit = False
+        off = (-slab.ctypes.data) % 64
+        return np.asarray(lease[off:off + nbytes]).view(dtype).reshape(shape)
+
+    def _give_back(self, slab: np.ndarray) -> None:
+        if len(self._free) < self.max_free:
+            self._free.append(slab)
 
 
 def resolve_sharding(sharding: Any, batch_shape: tuple[int, int]):

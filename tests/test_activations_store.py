@@ -329,13 +329,16 @@ def test_store_plugs_into_sae_training(cache_dir):
 
 
 def test_batches_the_caller_keeps_are_never_overwritten(cache_dir):
-    """Every batch has its own buffer: batches (or views of them) kept across a whole
-    epoch still hold their rows afterwards, numpy or aliasing jax arrays alike."""
+    """A pooled buffer is reused only once no array refers to it: batches (or views of
+    them) kept across a whole epoch still hold their rows afterwards, numpy or aliasing jax
+    arrays alike, while the buffers of dropped batches are reused."""
     ref = list(ActivationStore(cache_dir, layer=2, batch_size=32, seed=9, as_numpy=True,
-                               prefetch=0))
+                               prefetch=0, reuse_buffers=False))
     ref = [r.copy() for r in ref]
-    for as_numpy in (True, False):
-        st = ActivationStore(cache_dir, layer=2, batch_size=32, seed=9, as_numpy=as_numpy)
+    assert len(ref) >= 15
+    for as_numpy, prefetch, reuse in itertools.product((True, False), (0, 2), (True, False)):
+        st = ActivationStore(cache_dir, layer=2, batch_size=32, seed=9, as_numpy=as_numpy,
+                             prefetch=prefetch, reuse_buffers=reuse)
         kept = {}
         for i, x in enumerate(st):  # keep every third batch (or a view of it), drop the rest
             if i % 3 == 0:
@@ -343,6 +346,31 @@ def test_batches_the_caller_keeps_are_never_overwritten(cache_dir):
             np.testing.assert_array_equal(np.asarray(x), ref[i])
         for i, x in kept.items():
             np.testing.assert_array_equal(np.asarray(x), ref[i][: len(x)])
+        if reuse:  # slabs: the kept batches', plus the few in flight (prefetch queue, the
+            # batch being consumed, jaxlib's deferred release of the one dropped before)
+            assert st._pool.n_allocated <= len(kept) + prefetch + 3 < len(ref)
+        else:
+            assert st._pool is None
+    with pytest.raises(TypeError, match="reuse_buffers=1: expected a bool"):
+        ActivationStore(cache_dir, layer=2, reuse_buffers=1)
+
+
+def test_pool_never_hands_out_a_buffer_a_jax_array_still_aliases(cache_dir):
+    """The numpy buffer is dropped at once, only the aliasing jax array keeps it: its
+    memory is not reused until that jax array is gone."""
+    st = ActivationStore(cache_dir, layer=2, batch_size=32, seed=2)
+    x0 = st._to_device(st._gather(next(iter(st._batch_plans(0)))))
+    p0, want = x0.unsafe_buffer_pointer(), np.asarray(x0).copy()
+    for plan in itertools.islice(st._batch_plans(1), 8):  # dropped right away
+        y = st._to_device(st._gather(plan))
+        assert y.unsafe_buffer_pointer() != p0
+        del y
+    np.testing.assert_array_equal(np.asarray(x0), want)
+    n = st._pool.n_allocated
+    del x0
+    for plan in itertools.islice(st._batch_plans(2), 8):
+        st._to_device(st._gather(plan))
+    assert st._pool.n_allocated == n  # x0's slab (and the others) came back and are reused
 
 
 def test_cpu_batches_are_synchronous_zero_copy_and_match_device_put(cache_dir):

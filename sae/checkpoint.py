@@ -1,6 +1,8 @@
 """Orbax checkpoints of the structured training state.
 
-The state is saved as the ``TrainState`` pytree itself — ``params`` (an ``nnx.State``, keyed
+Under ``jax.distributed`` every process calls the same functions; orbax writes each array
+once (the primary process writes replicated arrays and the metadata) and every process
+restores. The state is saved as the ``TrainState`` pytree itself — ``params`` (an ``nnx.State``, keyed
 by parameter name), the optax state (keyed by field), ``step`` and ``since_fired`` — so each
 array is stored under its path: adding a field cannot shift another. It is restored into
 abstract targets (``jax.ShapeDtypeStruct`` with the live state's shardings), so a sharded
@@ -46,7 +48,12 @@ def open_manager(directory: str, *, resume: bool, overwrite: bool = False):
                 f"checkpoint_dir={directory!r} already holds a run's checkpoints and "
                 f"resume=False: pass resume=True to continue that run, overwrite=True to "
                 f"delete it and start over, or choose an empty folder")
-        shutil.rmtree(directory)
+        if jax.process_index() == 0:  # the primary process deletes, the others wait
+            shutil.rmtree(directory)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"sae.checkpoint.overwrite:{directory}")
     return ocp.CheckpointManager(
         directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False),

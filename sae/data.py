@@ -23,9 +23,15 @@ __all__ = ["ArraySource", "PlantedSource", "as_source", "check_batch", "planted_
 class ArraySource:
     """Shuffled (B, d) batches from an in-memory (N, d) array; epoch e uses the permutation
     of ``np.random.default_rng((seed, e))``. Batch t is a pure function of (seed, t), so
-    ``skip`` resumes exactly. Rows beyond the last full batch of an epoch are skipped."""
+    ``skip`` resumes exactly. Rows beyond the last full batch of an epoch are skipped.
 
-    def __init__(self, data, batch_size: int, seed: int = 0):
+    ``rows=(start, stop)`` yields only that row range of each batch, (stop − start, d): under
+    ``jax.distributed`` each process reads just the rows its devices hold (``sae.train``
+    passes the range its mesh assigns), and the batches of all processes put together are
+    the one-process batches."""
+
+    def __init__(self, data, batch_size: int, seed: int = 0, *,
+                 rows: tuple[int, int] | None = None):
         data = np.asarray(data)
         if data.ndim != 2:
             raise ValueError(f"data must be a 2-D (N, d) array, got shape {data.shape}")
@@ -33,7 +39,12 @@ class ArraySource:
         if data.shape[0] < batch_size:
             raise ValueError(f"data has N={data.shape[0]} rows, fewer than "
                              f"batch_size={batch_size}")
+        start, stop = (0, batch_size) if rows is None else rows
+        if not 0 <= start < stop <= batch_size:
+            raise ValueError(f"rows={rows!r}: expected (start, stop) with "
+                             f"0 <= start < stop <= batch_size={batch_size}")
         self.data, self.batch_size, self.seed = data, batch_size, seed
+        self.rows = (int(start), int(stop))
         self.per_epoch = data.shape[0] // batch_size
         self.pos = 0
         self._perm_epoch, self._perm = -1, None
@@ -51,7 +62,7 @@ class ArraySource:
             self._perm_epoch = e
         idx = np.sort(self._perm[i * self.batch_size:(i + 1) * self.batch_size])
         self.pos += 1
-        return self.data[idx]
+        return self.data[idx[self.rows[0]:self.rows[1]]]
 
 
 def planted_dictionary(key, d: int = 64, n_atoms: int = 256, *, kind: str = "gaussian",
@@ -123,10 +134,11 @@ class PlantedSource:
         return x
 
 
-def as_source(data, config: TrainConfig, seed: int):
-    """An (N, d) array → ``ArraySource``; an iterable of (B, d) arrays → its iterator."""
+def as_source(data, config: TrainConfig, seed: int, rows: tuple[int, int] | None = None):
+    """An (N, d) array → ``ArraySource`` (only ``rows`` of each batch, see there); an
+    iterable of (B, d) arrays → its iterator."""
     if isinstance(data, (np.ndarray, jax.Array)) and np.ndim(data) == 2:
-        return ArraySource(np.asarray(data), config.batch_size, seed)
+        return ArraySource(np.asarray(data), config.batch_size, seed, rows=rows)
     if isinstance(data, (np.ndarray, jax.Array)):
         raise ValueError(f"data must be a 2-D (N, d) array or an iterator of (B, d) arrays, "
                          f"got an array of shape {np.shape(data)}")
@@ -138,16 +150,20 @@ def as_source(data, config: TrainConfig, seed: int):
                     f"got {type(data).__name__}")
 
 
-def check_batch(x, config: TrainConfig, step: int) -> None:
-    """ValueError/TypeError naming the step unless x is a finite (batch_size, d_in) float
-    array (the finiteness of device arrays is checked inside the jitted step)."""
+def check_batch(x, config: TrainConfig, step: int, rows: int | None = None) -> None:
+    """ValueError/TypeError naming the step unless x is a finite (rows, d_in) float array,
+    rows = ``config.batch_size`` by default (this process's share under
+    ``jax.distributed``); the finiteness of device arrays is checked inside the jitted
+    step."""
+    rows = config.batch_size if rows is None else rows
     shape = np.shape(x)
     if len(shape) != 2 or shape[1] != config.d_in:
         raise ValueError(f"batch at step {step} must have shape (B, d_in={config.d_in}), "
                          f"got shape {shape} (wrong input width?)")
-    if shape[0] != config.batch_size:
-        raise ValueError(f"batch at step {step} must have batch_size={config.batch_size} rows, "
-                         f"got {shape[0]}")
+    if shape[0] != rows:
+        what = (f"batch_size={config.batch_size}" if rows == config.batch_size else
+                f"{rows} (this process's share of batch_size={config.batch_size})")
+        raise ValueError(f"batch at step {step} must have {what} rows, got {shape[0]}")
     dt = np.dtype(getattr(x, "dtype", np.float32))
     if not np.issubdtype(dt, np.floating) and dt != jnp.bfloat16:
         raise TypeError(f"batch at step {step} must hold floats, got dtype {dt}")

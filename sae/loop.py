@@ -145,12 +145,54 @@ def make_mesh(n_data: int | None = None, n_sweep: int = 1, devices=None):
     return _make_mesh((n_sweep, n_data), ("sweep", "data"), devices)
 
 
+def _to_host(tree):
+    """numpy copy of a pytree of (possibly multi-process, sharded) arrays."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def _process_rows(data_sh, chunk_shape) -> tuple[int, int]:
+    """(start, stop): the rows of a (k, B, d) chunk that this process's devices hold."""
+    B = chunk_shape[1]
+    if data_sh is None or jax.process_count() == 1:
+        return 0, B
+    sl = [i[1] for i in data_sh.addressable_devices_indices_map(chunk_shape).values()]
+    start = min(s.start or 0 for s in sl)
+    stop = max(B if s.stop is None else s.stop for s in sl)
+    covered = np.zeros(B, bool)
+    for s in sl:
+        covered[s] = True
+    if not covered[start:stop].all():
+        raise ValueError("the mesh gives this process rows that are not contiguous in the "
+                         "batch; order the mesh's devices by process")
+    return start, stop
+
+
+def _global_scale_batches(buffer, rows, B):
+    """The full (B, d) scale batches from every process's rows (for the same input scale
+    as one process on the same batches)."""
+    if jax.process_count() == 1:
+        return buffer
+    from jax.experimental import multihost_utils
+
+    local = np.stack([np.asarray(b, np.float32) for b in buffer])
+    parts = multihost_utils.process_allgather(local)          # (P, nb, rows, d)
+    ranges = multihost_utils.process_allgather(np.asarray(rows))  # (P, 2)
+    full = np.zeros((len(buffer), B, local.shape[-1]), np.float32)
+    for part, (a, b) in zip(parts, ranges):
+        full[:, a:b] = part
+    return list(full)
+
+
 def _export_params(graphdef, params_state, stacked: bool) -> dict:
     def one(p):
         return nnx.merge(graphdef, p).params()
 
     f = jax.vmap(one) if stacked else one
-    return jax.tree.map(np.asarray, jax.jit(f)(params_state))
+    return jax.tree.map(np.asarray, _to_host(jax.jit(f)(params_state)))
 
 
 _COMPILED: dict = {}
@@ -186,14 +228,14 @@ def _fast_forward(source, n: int) -> None:
             next(source)
 
 
-def _scale_batches(source, config):
+def _scale_batches(source, config, rows):
     buffer = []
     for _ in range(config.scale_batches):
         try:
             b = next(source)
         except StopIteration:
             break
-        check_batch(b, config, len(buffer))
+        check_batch(b, config, len(buffer), rows[1] - rows[0])
         buffer.append(b)
     if not buffer:
         raise ValueError("data yielded no batches")
@@ -250,6 +292,9 @@ def train(data, config: TrainConfig, *, sweep: tuple[HParams, Any] | None = None
     data: (N, d) array (shuffled by ``ArraySource``, seed ``config.data_seed``) or any
       iterator of (B, d) arrays with B = ``config.batch_size`` (objects with ``skip(n)``
       resume exactly; other iterators are fast-forwarded by consuming n batches).
+      Under ``jax.distributed`` (one process per host, a ``mesh`` over every process's
+      devices) each process passes the same array and reads only the rows of each batch
+      its devices hold; an iterator must yield exactly those rows.
     sweep: ``sae.sweep(config, lam=[...], ...)`` → N stacked SAEs (one jitted vmap; each
       SAE's seed from the sweep's seeds).  hparams: override for a single SAE.
     mesh: a ``make_mesh(...)`` mesh: batch sharded over 'data', params replicated (and the
@@ -277,9 +322,10 @@ def train(data, config: TrainConfig, *, sweep: tuple[HParams, Any] | None = None
     if max_steps is not None:
         from jaxsense._checks import check_int
 
-        check_int("max_steps", max_steps, low=0)
-    source = as_source(data, config, config.seed if config.data_seed is None
-                       else config.data_seed)
+        check_int("max_steps", max_steps, low=1)
+    if jax.process_count() > 1 and mesh is None:
+        raise ValueError(f"mesh=None under jax.distributed ({jax.process_count()} processes): "
+                         f"pass mesh=sae.make_mesh(...) over every process's devices")
     k = config.steps_per_call
     total = config.total_steps if max_steps is None else min(max_steps, config.total_steps)
     mngr = (ckpt.open_manager(checkpoint_dir, resume=resume, overwrite=overwrite)
@@ -294,6 +340,10 @@ def train(data, config: TrainConfig, *, sweep: tuple[HParams, Any] | None = None
     graphdef = graphdef_of(config)
     state = jax.jit(init)(hp, keys)
     state, hp, data_sh = _placement(mesh, state, hp, config, stacked, n_sae)
+    chunk_shape = (k, config.batch_size, config.d_in)
+    rows = _process_rows(data_sh, chunk_shape)
+    source = as_source(data, config, config.seed if config.data_seed is None
+                       else config.data_seed, rows=None if rows == (0, chunk_shape[1]) else rows)
     scale, start = None, 0
     if mngr is not None and resume:
         got = ckpt.restore(mngr, state, _meta(config, 0, 0.0, n_sae, hp, seeds))
@@ -305,8 +355,9 @@ def train(data, config: TrainConfig, *, sweep: tuple[HParams, Any] | None = None
     # --- scale from the first batches (kept for training) ---
     buffer = []
     if scale is None:
-        buffer = _scale_batches(source, config)
-        scale = estimate_scale(buffer, config.input_scaling)
+        buffer = _scale_batches(source, config, rows)
+        scale = estimate_scale(_global_scale_batches(buffer, rows, config.batch_size),
+                               config.input_scaling)
     it = itertools.chain(buffer, source)
     step_fn = _chunk_fn(graphdef, config, stacked)
 
@@ -317,8 +368,11 @@ def train(data, config: TrainConfig, *, sweep: tuple[HParams, Any] | None = None
                 b = next(it)
             except StopIteration:
                 return None
-            check_batch(b, config, step0 + j)
+            check_batch(b, config, step0 + j, rows[1] - rows[0])
             xs.append(b)
+        if jax.process_count() > 1:  # this process's rows → one global (k, B, d) array
+            c = np.stack([np.asarray(b, np.float32) for b in xs]) * np.float32(scale)
+            return jax.make_array_from_process_local_data(data_sh, c, chunk_shape)
         if all(isinstance(b, np.ndarray) for b in xs):
             c = np.stack(xs).astype(np.float32, copy=False) * np.float32(scale)
         else:
@@ -327,7 +381,7 @@ def train(data, config: TrainConfig, *, sweep: tuple[HParams, Any] | None = None
 
     history: list = []
     bar = None
-    if config.progress:
+    if config.progress and jax.process_index() == 0:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=config.total_steps * config.batch_size, initial=start *
@@ -340,10 +394,10 @@ def train(data, config: TrainConfig, *, sweep: tuple[HParams, Any] | None = None
         while chunk is not None and step < total:
             state, metrics, finite = step_fn(state, chunk, hp)
             chunk = next_chunk(step + k) if step + k < total else None  # overlaps compute
-            metrics = jax.device_get(metrics)
+            metrics = _to_host(metrics)
             if stacked:  # vmapped: (N, k) → (k, N)
                 metrics = {n: np.moveaxis(np.asarray(v), 0, 1) for n, v in metrics.items()}
-            _check_finite(metrics, np.asarray(jax.device_get(finite)), step, k, stacked)
+            _check_finite(metrics, np.asarray(_to_host(finite)), step, k, stacked)
             for j in range(k):
                 s = step + j + 1
                 if s % config.log_every == 0 or s == total:

@@ -56,7 +56,13 @@ def check_scalar(name: str, value, *, low=None, high=None, low_open=False, high_
 
 
 def check_finite(name: str, x) -> None:
-    if is_concrete(x) and not bool(np.all(np.isfinite(np.asarray(x)))):
+    if not is_concrete(x):
+        return
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:  # sharded across processes
+        from .mesh import host_gather
+
+        x = host_gather(x)
+    if not bool(np.all(np.isfinite(np.asarray(x)))):
         bad = int(np.size(x) - np.isfinite(np.asarray(x)).sum())
         raise ValueError(f"{name}: expected all entries finite, found {bad} non-finite entries")
 

@@ -25,6 +25,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxsense import _checks, diagnostics
+from jaxsense.mesh import host_gather
 from jaxsense.solvers import Solver, SolverState
 
 TRUTH_METRICS = ("fro_error", "rel_fro_error", "op_error", "signal", "cross", "residual",
@@ -168,6 +169,7 @@ def run(solver: Solver, U0, op, y, truth=None, *, num_steps: int, record_every: 
             hists.append(hist)
             bar.update(per_chunk * record_every)
     rec_axis = 1 if any(a is not None for a in axes) else 0
+    hists = host_gather(hists)  # device_get, or an all-gather under jax.distributed
     history = {k: np.concatenate([np.asarray(h[k]) for h in hists], axis=rec_axis) for k in metrics}
     if truth is None:
         final = {}
@@ -175,6 +177,6 @@ def run(solver: Solver, U0, op, y, truth=None, *, num_steps: int, record_every: 
         final = jax.vmap(_final, in_axes=(0, axes[4]))(state.U, truth)
     else:
         final = _final(state.U, truth)
-    final = {k: np.asarray(v) for k, v in final.items()}
+    final = {k: np.asarray(v) for k, v in host_gather(final).items()}
     iterations = np.arange(n_records) * record_every
     return RunResult(state=state, history=history, iterations=iterations, final=final)

@@ -14,7 +14,7 @@ from jax.sharding import Mesh
 
 from ._checks import check_int
 
-__all__ = ["make_mesh"]
+__all__ = ["host_gather", "make_mesh"]
 
 
 def make_mesh(axis_shapes: Sequence[int], axis_names: Sequence[str], devices=None) -> Mesh:
@@ -42,3 +42,16 @@ def make_mesh(axis_shapes: Sequence[int], axis_names: Sequence[str], devices=Non
     # ``Mesh``); jax.make_mesh would otherwise default to Explicit axes.
     auto = (jax.sharding.AxisType.Auto,) * len(shapes)
     return jax.make_mesh(tuple(shapes), tuple(names), auto, devices=devices[:need])
+
+
+def host_gather(tree):
+    """numpy copy of a pytree of (possibly sharded) arrays, on every process.
+
+    One process: ``jax.device_get``. Under ``jax.distributed``, arrays sharded across
+    processes are gathered with ``jax.experimental.multihost_utils.process_allgather``
+    (every process must call this, in the same order)."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)

@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from .mesh import host_gather
 from .mesh import make_mesh as _make_mesh
 
 from jaxsense import _checks
@@ -281,7 +282,8 @@ def sweep(grid: dict, *, key=None, d: int = 20, r: int = 3, m: int = 500,
         res = run(solver, U0, op, y, truth, num_steps=num_steps,
                   record_every=record_every, metrics=metrics, in_axes=in_axes,
                   progress=progress, num_chunks=num_chunks, desc=f"sweep[{B}]")
-    history = {k: np.asarray(v)[:B] for k, v in res.history.items()}
-    final = {k: np.asarray(v)[:B] for k, v in res.final.items()}
+    # every process gets the whole result (host_gather is device_get on one process)
+    history = {k: np.asarray(v)[:B] for k, v in host_gather(res.history).items()}
+    final = {k: np.asarray(v)[:B] for k, v in host_gather(res.final).items()}
     return SweepResult(params=params, axes=swept, shape=shape, history=history, final=final,
                        iterations=res.iterations, state=res.state, n_devices=n_dev)

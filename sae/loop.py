@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxsense.mesh import host_gather as _to_host
 from jaxsense.mesh import make_mesh as _make_mesh
 
 from . import checkpoint as ckpt
@@ -143,15 +144,6 @@ def make_mesh(n_data: int | None = None, n_sweep: int = 1, devices=None):
     if n_data is None:
         n_data = max(len(devices) // max(int(n_sweep), 1), 1)
     return _make_mesh((n_sweep, n_data), ("sweep", "data"), devices)
-
-
-def _to_host(tree):
-    """numpy copy of a pytree of (possibly multi-process, sharded) arrays."""
-    if jax.process_count() == 1:
-        return jax.device_get(tree)
-    from jax.experimental import multihost_utils
-
-    return multihost_utils.process_allgather(tree, tiled=True)
 
 
 def _process_rows(data_sh, chunk_shape) -> tuple[int, int]:

@@ -5,7 +5,8 @@
 4 CPU devices per process, gloo CPU collectives, coordinator on localhost. Trains (a) a
 data-parallel SAE over an 8-device ('data') mesh spanning both processes, interrupted
 after 20 steps and resumed from the orbax checkpoint, and (b) a 2-SAE sweep whose 'sweep'
-axis spans the processes. Process 0 writes the exported parameters to OUT_DIR/dist.npz.
+axis spans the processes, and (c) a ``jaxsense.sweep`` over 8 SubGM instances sharded over
+both processes' devices. Process 0 writes the exported parameters to OUT_DIR/dist.npz.
 """
 import os
 import sys
@@ -34,8 +35,13 @@ part = sae.train(X, cfg, mesh=sae.make_mesh(n_data=8), checkpoint_dir=ck, max_st
 resumed = sae.train(X, cfg, mesh=sae.make_mesh(n_data=8), checkpoint_dir=ck)
 sw = sae.train(X, cfg, sweep=sae.sweep(cfg, lam=[1e-3, 1e-2]),
                mesh=sae.make_mesh(n_data=4, n_sweep=2))
+import jaxsense  # noqa: E402
+
+grid = T.subgm_grid()
+js = jaxsense.sweep(grid, **T.SUBGM_KW)
 if pid == 0:
-    np.savez(os.path.join(out, "dist.npz"),
+    np.savez(os.path.join(out, "dist.npz"), js_final=js.final["rel_fro_error"],
+             js_history=js.history["rel_fro_error"],
              **{f"dp_{k}": v for k, v in resumed.params.items()},
              **{f"sw_{k}": v for k, v in sw.params.items()},
              dp_scale=resumed.scale, dp_steps=int(part.history[-1]["step"]))

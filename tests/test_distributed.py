@@ -1,7 +1,7 @@
 """sae.train under jax.distributed: 2 local CPU processes (4 devices each, gloo collectives)
 give the same SAE as one process with 8 devices on the same batches — data-parallel with a
 checkpoint written once and resumed by both processes, and a sweep sharded across the
-processes. Not bit-identical: the gradient all-reduce across processes (gloo) adds in
+processes; and a ``jaxsense.sweep`` sharded over both processes' devices. Not bit-identical: the gradient all-reduce across processes (gloo) adds in
 another order than XLA's in-process reduction; measured after 40 steps: 24 of 1024 W_dec
 entries differ, by at most 6e-8 (one float32 ulp); the input scale is identical."""
 import os
@@ -27,6 +27,13 @@ def config():
                            lam=1e-2, eps=0.05, theta_init=0.05, lam_warmup_steps=10,
                            steps_per_call=10, checkpoint_every=10, log_every=10,
                            progress=False, scale_batches=2)
+
+
+SUBGM_KW = dict(d=8, r=2, m=120, spectrum=(2.0, 1.0), num_steps=200, record_every=50)
+
+
+def subgm_grid():
+    return {"p": [0.0, 0.1, 0.2, 0.3], "seed": [0, 1]}
 
 
 def _free_port():
@@ -57,3 +64,10 @@ def test_two_processes_equal_one_process(tmp_path):
                    mesh=sae.make_mesh(n_data=4, n_sweep=2))
     for k, v in sw.params.items():
         np.testing.assert_allclose(got[f"sw_{k}"], v, rtol=1e-6, atol=1e-7, err_msg=k)
+
+    import jaxsense
+
+    js = jaxsense.sweep(subgm_grid(), **SUBGM_KW)
+    np.testing.assert_allclose(got["js_final"], js.final["rel_fro_error"], rtol=1e-5)
+    np.testing.assert_allclose(got["js_history"], js.history["rel_fro_error"], rtol=1e-5)
+    assert js.final["rel_fro_error"].shape == (8,)

@@ -1,6 +1,8 @@
 """Shared helpers for experiment scripts: atomic JSON/PNG writing, min–max band plots."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import os
 from pathlib import Path
@@ -54,9 +56,28 @@ def save_text(path, text: str) -> Path:
     return atomic_write_bytes(path, text.encode())
 
 
+_FIGURE_NOTE: contextvars.ContextVar = contextvars.ContextVar("figure_note", default=None)
+
+
+@contextlib.contextmanager
+def figure_note(note: str | None):
+    """Within the block, :func:`save_fig` prints ``note`` (e.g. 'reduced run: …') as the
+    figure's top title, so a plot of a run smaller than the paper setting says so."""
+    token = _FIGURE_NOTE.set(note)
+    try:
+        yield
+    finally:
+        _FIGURE_NOTE.reset(token)
+
+
 def save_fig(fig, path, *, dpi: int = 130, bbox_inches: str | None = "tight") -> Path:
-    """A matplotlib figure as PNG, atomically."""
+    """A matplotlib figure as PNG, atomically (with the :func:`figure_note` in effect, if
+    any, as its top title)."""
     import io
+
+    note = _FIGURE_NOTE.get()
+    if note:
+        fig.suptitle(note, color="darkred", fontsize=8, y=1.02)
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches=bbox_inches)

@@ -16,13 +16,14 @@ import time
 
 import numpy as np
 
-from experiments import common
+from experiments import cli, common
 
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="results/demo")
-    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--seeds", type=cli.pos_int, default=5,
+                    help="seeds of Fig. 1b (paper: 5; fewer is marked as a reduced run)")
     ap.add_argument("--skip-atoms", action="store_true")
     args = ap.parse_args(argv)
     out = common.out_dir(root=args.out)

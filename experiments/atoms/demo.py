@@ -6,11 +6,12 @@ Embedded all-MiniLM-L6-v2, one layer (3), ~3k tokens of the offline default corp
 Measured: 35 s (λ 0.3, 1) on a quiet 2-core CPU, 177 s under load 8; 500 steps took 241 s
 under load 4.5, hence 300.
 
-    python -m experiments.atoms.demo [out_dir]
+    python -m experiments.atoms.demo [--out results/atoms_demo]
 """
 from __future__ import annotations
 
-import sys
+import argparse
+import json
 import time
 
 from experiments.atoms.pipeline import AtomsConfig, run_pipeline
@@ -40,8 +41,15 @@ def run_demo(out_dir: str) -> dict:
     return summary
 
 
-if __name__ == "__main__":
-    import json
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(prog="python -m experiments.atoms.demo",
+                                 description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="results/atoms_demo", help="output folder")
+    a = ap.parse_args(argv)
+    summary = run_demo(a.out)
+    print(json.dumps(summary, indent=1))
+    return summary
 
-    print(json.dumps(run_demo(sys.argv[1] if len(sys.argv) > 1 else "results/atoms_demo"),
-                     indent=1))
+
+if __name__ == "__main__":
+    main()

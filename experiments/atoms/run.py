@@ -18,11 +18,16 @@ import json
 import shlex
 import sys
 
+from experiments import cli
 from experiments.atoms.pipeline import AtomsConfig, run_pipeline
 
 
-def _floats(s):
-    return tuple(float(v) for v in s.split(","))
+def _gemma_scope(s: str):
+    """'LAYER=path' → (layer, path)."""
+    layer, sep, path = s.partition("=")
+    if not sep or not path:
+        raise argparse.ArgumentTypeError(f"expected LAYER=path/params.npz, got {s!r}")
+    return cli.nonneg_int(layer), path
 
 
 def main(argv=None):
@@ -30,33 +35,34 @@ def main(argv=None):
     ap.add_argument("--model", default="smollm2-135m",
                     help="embedded 'smollm2-135m' (default: SmolLM2-135M, Q4_1 GGUF dequantised) "
                          "or 'minilm' (all-MiniLM-L6-v2), or an HF name / local folder")
-    ap.add_argument("--layers", default=None, help="comma list (default: every layer)")
+    ap.add_argument("--layers", type=cli.nonneg_ints, default=None,
+                    help="comma list (default: every layer)")
     ap.add_argument("--texts", default=None, help="corpus: path, hf:<dataset>, default offline")
-    ap.add_argument("--max-tokens", type=int, default=12_000)
-    ap.add_argument("--context-length", type=int, default=128)
+    ap.add_argument("--max-tokens", type=cli.pos_int, default=12_000)
+    ap.add_argument("--context-length", type=cli.pos_int, default=128)
     ap.add_argument("--cache-dtype", default="float32")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--width-mult", type=int, default=4)
+    ap.add_argument("--width-mult", type=cli.pos_int, default=4)
     ap.add_argument("--recipe", default="anthropic", choices=["anthropic", "gdm"])
-    ap.add_argument("--lams", type=_floats, default=(1.0, 3.0, 10.0))
-    ap.add_argument("--steps", type=int, default=600)
-    ap.add_argument("--batch-size", type=int, default=512)
+    ap.add_argument("--lams", type=cli.pos_floats, default=(1.0, 3.0, 10.0))
+    ap.add_argument("--steps", type=cli.pos_int, default=600)
+    ap.add_argument("--batch-size", type=cli.pos_int, default=512)
     ap.add_argument("--no-tied", action="store_true")
-    ap.add_argument("--ridge", type=float, default=0.0)
-    ap.add_argument("--select-r2", type=float, default=0.9)
-    ap.add_argument("--gemma-scope", action="append", default=[],
+    ap.add_argument("--ridge", type=cli.nonneg_float, default=0.0)
+    ap.add_argument("--select-r2", type=cli.probability, default=0.9)
+    ap.add_argument("--gemma-scope", type=_gemma_scope, action="append", default=[],
                     help="LAYER=path/params.npz (repeatable): a public SAE as 'features_public'")
     ap.add_argument("--out", default="results/atoms")
     ap.add_argument("--cache-dir", default=None)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=cli.nonneg_int, default=0)
     a = ap.parse_args(argv)
-    gs = {int(k): v for k, v in (s.split("=", 1) for s in a.gemma_scope)} or None
+    gs = dict(a.gemma_scope) or None
     if a.model.lower().startswith("smollm2"):  # embedded GGUF model → its float32 cache folder
         from sae import models
 
         a.model = models.local_path(a.model, progress=True)
     cfg = AtomsConfig(
-        model=a.model, layers=None if a.layers is None else tuple(int(v) for v in a.layers.split(",")),
+        model=a.model, layers=None if a.layers is None else tuple(a.layers),
         texts=a.texts, max_tokens=a.max_tokens, context_length=a.context_length,
         cache_dtype=a.cache_dtype, device=a.device, width_mult=a.width_mult, recipe=a.recipe,
         lams=a.lams, steps=a.steps, batch_size=a.batch_size, tied=not a.no_tied, ridge=a.ridge,

@@ -17,17 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 
 import numpy as np
 
+from experiments import cli
 from experiments.common import atomic_write_bytes, save_fig
 from sae import atoms as at
-
-
-def _ints(s):
-    return [int(v) for v in s.split(",")]
 
 
 def r2_cell(x_train, x_eval, aip, width, *, variant="tied", lam=1.0, steps=400,
@@ -94,15 +90,16 @@ def plot(res, path):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(prog="python -m experiments.atoms.scaling",
+                                 description=__doc__.splitlines()[0])
     ap.add_argument("--cache-dir", default="results/atoms/cache")
-    ap.add_argument("--layer", type=int, default=1)
-    ap.add_argument("--M", type=_ints, default=[1000, 3000, 9000])
-    ap.add_argument("--D-mult", type=_ints, default=[1, 2, 4, 8])
+    ap.add_argument("--layer", type=cli.nonneg_int, default=1)
+    ap.add_argument("--M", type=cli.pos_ints, default=[1000, 3000, 9000])
+    ap.add_argument("--D-mult", type=cli.pos_ints, default=[1, 2, 4, 8])
     ap.add_argument("--variant", default="tied", choices=["tied", "whitened", "euclid"])
-    ap.add_argument("--lam", type=float, default=1.0)
-    ap.add_argument("--steps", type=int, default=400)
-    ap.add_argument("--max-tokens", type=int, default=12_000)
+    ap.add_argument("--lam", type=cli.pos_float, default=1.0)
+    ap.add_argument("--steps", type=cli.pos_int, default=400)
+    ap.add_argument("--max-tokens", type=cli.pos_int, default=12_000)
     ap.add_argument("--out", default="results/atoms")
     a = ap.parse_args(argv)
     from experiments.atoms.pipeline import AtomsConfig, cache, layer_data
@@ -120,4 +117,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

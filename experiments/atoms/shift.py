@@ -11,22 +11,24 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
 import jax
 import numpy as np
 
+from experiments import cli
 from experiments.common import atomic_write_bytes
 from sae import atoms as at
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(prog="python -m experiments.atoms.shift",
+                                 description=__doc__.splitlines()[0])
     ap.add_argument("--cache-dir", default="results/atoms/cache")
     ap.add_argument("--units-dir", default="results/atoms")
-    ap.add_argument("--layers", default=None)
-    ap.add_argument("--n-pairs", type=int, default=20_000)
-    ap.add_argument("--ridge", type=float, default=0.0)
+    ap.add_argument("--layers", type=cli.nonneg_ints, default=None,
+                    help="comma list (default: every cached layer)")
+    ap.add_argument("--n-pairs", type=cli.pos_int, default=20_000)
+    ap.add_argument("--ridge", type=cli.nonneg_float, default=0.0)
     ap.add_argument("--out", default="results/atoms")
     a = ap.parse_args(argv)
     from sae.activations import read_manifest
@@ -34,7 +36,7 @@ def main(argv=None):
     from experiments.atoms.pipeline import _plots, layer_data
 
     man = read_manifest(a.cache_dir)
-    layers = man["layers"] if a.layers is None else [int(v) for v in a.layers.split(",")]
+    layers = man["layers"] if a.layers is None else a.layers
     out = {"layers": []}
     for layer in layers:
         x = layer_data(a.cache_dir, layer)
@@ -75,4 +77,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

@@ -28,6 +28,8 @@ import time
 
 import numpy as np
 
+from experiments import cli
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
@@ -115,9 +117,9 @@ def main(argv=None):
     own = argv[:argv.index("--")] if "--" in argv else argv
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--ce-texts", type=int, default=16, help="held-out texts for the splice")
-    ap.add_argument("--ce-batch-size", type=int, default=8)
-    ap.add_argument("--ce-context-length", type=int, default=128)
+    ap.add_argument("--ce-texts", type=cli.pos_int, default=16, help="held-out texts for the splice")
+    ap.add_argument("--ce-batch-size", type=cli.pos_int, default=8)
+    ap.add_argument("--ce-context-length", type=cli.pos_int, default=128)
     a = ap.parse_args(own)
     rp = argparse.ArgumentParser(add_help=False)
     rp.add_argument("--out", default="results/atoms")

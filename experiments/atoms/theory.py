@@ -1,5 +1,5 @@
 """Theory check on planted data (the identifiability conditions of Hu et al., "Towards atoms
-of large language models"): ``python -m experiments.atoms.theory``.
+of large language models"): ``python -m experiments.atoms.theory [--out results/atoms]``.
 
 Planted x = D δ (Dirac–Hadamard D, H=64, N=128, μ = 1/8; K=3 non-negative codes in
 [0.7, 1]). Reports
@@ -9,13 +9,13 @@ Planted x = D δ (Dirac–Hadamard D, H=64, N=128, μ = 1/8; K=3 non-negative co
     and the AIP-tied SAE (``arch="tied"`` on whitened inputs, same trainer and recipe),
     support recovery after matching atoms;
   * coherence-based guarantees: μ, K bound, (K−1)μ (RIP), uniqueness of every sample.
-Writes results/atoms/theory.json.
+Writes <out>/theory.json (default results/atoms/theory.json).
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
-import sys
 import time
 
 import jax
@@ -66,9 +66,13 @@ def run_theory(*, H=64, N=128, K=3, n=8192, steps=3000, lams=(0.3, 1.0), lr=3e-3
 
 
 def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m experiments.atoms.theory",
+                                 description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="results/atoms", help="output folder")
+    a = ap.parse_args(argv)
     res = run_theory()
-    os.makedirs("results/atoms", exist_ok=True)
-    atomic_write_bytes("results/atoms/theory.json", json.dumps(res, indent=1).encode())
+    os.makedirs(a.out, exist_ok=True)
+    atomic_write_bytes(os.path.join(a.out, "theory.json"), json.dumps(res, indent=1).encode())
     for k in ("construction_exact_S", "construction_estimated_S", "construction_euclidean"):
         r = res[k]
         print(f"{k}: ε={r['eps']:.3f} interval=({r['interval_lo']:.3f}, {r['interval_hi']:.3f}) "
@@ -82,4 +86,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

@@ -32,6 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from experiments import cli
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
@@ -194,15 +196,15 @@ def replicate_cache(src: Path, dst: Path, copies: int) -> Path:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--texts", type=int, default=128)
-    ap.add_argument("--context-length", type=int, default=128)
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--read-repeats", type=int, default=25)
-    ap.add_argument("--read-batch", type=int, default=4096)
-    ap.add_argument("--read-copies", type=int, default=12,
+    ap.add_argument("--texts", type=cli.pos_int, default=128)
+    ap.add_argument("--context-length", type=cli.pos_int, default=128)
+    ap.add_argument("--batch-size", type=cli.pos_int, default=32)
+    ap.add_argument("--repeats", type=cli.pos_int, default=3)
+    ap.add_argument("--read-repeats", type=cli.pos_int, default=25)
+    ap.add_argument("--read-batch", type=cli.pos_int, default=4096)
+    ap.add_argument("--read-copies", type=cli.pos_int, default=12,
                     help="replicate the cache this many times for the read benchmark")
-    ap.add_argument("--threads", type=int, default=1,
+    ap.add_argument("--threads", type=cli.pos_int, default=1,
                     help="torch threads (1: stable on a shared 2-core machine)")
     ap.add_argument("--json", type=str, default=None, help="also write results here")
     args = ap.parse_args(argv)

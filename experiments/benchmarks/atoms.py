@@ -13,11 +13,13 @@ LAST line: ``moment_fraction=<x> bp_samples_per_s=<y>``.
 """
 from __future__ import annotations
 
-import sys
+import argparse
 import tempfile
 import time
 
 import numpy as np
+
+from experiments import cli
 
 
 def _best(f, reps=3):
@@ -84,13 +86,21 @@ def bp_bench(n: int = 10_000, n_iter: int = 300):
 
 
 def main(argv=None):
-    m = moment_vs_store()
+    ap = argparse.ArgumentParser(prog="python -m experiments.benchmarks.atoms",
+                                 description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=cli.pos_int, default=16_000,
+                    help="tokens cached for the second-moment benchmark")
+    ap.add_argument("--bp-samples", type=cli.pos_int, default=10_000,
+                    help="planted samples of the basis-pursuit benchmark")
+    ap.add_argument("--bp-iter", type=cli.pos_int, default=300, help="ADMM iterations")
+    a = ap.parse_args(argv)
+    m = moment_vs_store(tokens=a.tokens)
     print(f"cache: {m['tokens']} tokens × d={m['d']} float32 = {m['MB']:.1f} MB "
           f"(cached in {m['cache_s']:.1f}s)")
     print(f"store read (shuffled epoch, numpy batches of 4096): {m['read_GBps']:.3f} GB/s")
     print(f"second moment float64 (store_second_moment):        {m['moment64_GBps']:.3f} GB/s")
     print(f"second moment mixed (f32 sub-chunks → f64 sums):     {m['moment_mixed_GBps']:.3f} GB/s")
-    b = bp_bench()
+    b = bp_bench(n=a.bp_samples, n_iter=a.bp_iter)
     print(f"basis pursuit ADMM: n={b['n']} H=64 N=128 K=3 iters={b['n_iter']}: "
           f"first call {b['first_s']:.2f}s (compile incl.), warm {b['warm_s']:.2f}s, "
           f"exact-support recovery {b['exact_support']:.4f}, max |err| {b['max_abs_err']:.2e}")
@@ -100,4 +110,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

@@ -21,6 +21,8 @@ import statistics
 import tempfile
 import time
 
+from experiments import cli
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
@@ -28,18 +30,19 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tokens", type=int, default=4096, help="tokens to cache")
-    ap.add_argument("--layers", default="3,8,13,18,23,28", help="comma list of blocks")
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--context-length", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=3, help="later loads to time")
+    ap.add_argument("--tokens", type=cli.pos_int, default=4096, help="tokens to cache")
+    ap.add_argument("--layers", type=cli.nonneg_ints, default=[3, 8, 13, 18, 23, 28],
+                    help="comma list of blocks")
+    ap.add_argument("--batch-size", type=cli.pos_int, default=32)
+    ap.add_argument("--context-length", type=cli.pos_int, default=128)
+    ap.add_argument("--repeats", type=cli.pos_int, default=3, help="later loads to time")
     a = ap.parse_args(argv)
     import torch
 
     from sae import models
     from sae.activations import cache_activations
 
-    layers = [int(v) for v in a.layers.split(",")]
+    layers = list(a.layers)
     out = {"torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
     with tempfile.TemporaryDirectory(prefix="bench_models_") as tmp:
         root = os.path.join(tmp, "models")

@@ -26,6 +26,8 @@ import time
 
 import numpy as np
 
+from experiments import cli
+
 
 def _jax_setup(d, M, B, k, matmul_dtype, n_sae=None):
     import jax
@@ -172,11 +174,11 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="fewer timed steps")
     ap.add_argument("--gpu", action="store_true", help="GPU config (auto if a GPU is present)")
     ap.add_argument("--cpu", action="store_true", help="force the CPU config")
-    ap.add_argument("--d", type=int)
-    ap.add_argument("--width", type=int)
-    ap.add_argument("--batch", type=int, default=4096)
-    ap.add_argument("--k", type=int, default=None, help="steps scanned per jitted call")
-    ap.add_argument("--n-sae", type=int, default=8)
+    ap.add_argument("--d", type=cli.pos_int)
+    ap.add_argument("--width", type=cli.pos_int)
+    ap.add_argument("--batch", type=cli.pos_int, default=4096)
+    ap.add_argument("--k", type=cli.pos_int, default=None, help="steps scanned per jitted call")
+    ap.add_argument("--n-sae", type=cli.pos_int, default=8)
     ap.add_argument("--no-torch", action="store_true")
     a = ap.parse_args(argv)
 

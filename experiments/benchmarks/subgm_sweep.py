@@ -38,6 +38,7 @@ import numpy as np
 
 import jaxsense as js
 from jaxsense.sweep import matmul_precision, sweep
+from experiments import cli
 
 SIZES = {"paper": {"d": 20, "r": 3, "m": 500, "r_search": 20, "spectrum": (10.0, 5.0, 1.0)},
          "large": {"d": 100, "r": 5, "m": 4000, "r_search": 10,
@@ -115,16 +116,16 @@ def accuracy(dtype, precision, steps):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--instances", type=int, default=256)
+    ap.add_argument("--instances", type=cli.pos_int, default=256)
     ap.add_argument("--dtype", default="float64", choices=["float64", "float32"])
     ap.add_argument("--precision", default="highest",
                     choices=["highest", "high", "default", "tensorfloat32", "bfloat16"])
-    ap.add_argument("--steps-paper", type=int, default=200)
-    ap.add_argument("--steps-large", type=int, default=6)
-    ap.add_argument("--accuracy-steps", type=int, default=6000)
+    ap.add_argument("--steps-paper", type=cli.pos_int, default=200)
+    ap.add_argument("--steps-large", type=cli.pos_int, default=6)
+    ap.add_argument("--accuracy-steps", type=cli.pos_int, default=6000)
     a = ap.parse_args(argv)
-    if a.instances < 8 or a.instances % 8:
-        raise SystemExit(f"--instances={a.instances}: expected a positive multiple of 8")
+    if a.instances % 8:
+        ap.error(f"argument --instances: expected a positive multiple of 8, got {a.instances}")
     x64 = a.dtype == "float64"
     with jax.enable_x64(x64):
         dtype = jnp.dtype(a.dtype)

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxsense as js
+from experiments import cli
 
 D, R, M, RS = 20, 3, 500, 20
 ETA, RHO, ALPHA = 0.2, 0.996, 1e-15
@@ -50,8 +51,8 @@ def _time(fn, repeat=3):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=2000)
-    ap.add_argument("--numpy-steps", type=int, default=2000,
+    ap.add_argument("--steps", type=cli.pos_int, default=2000)
+    ap.add_argument("--numpy-steps", type=cli.pos_int, default=2000,
                     help="steps per NumPy instance in the sweep (timed per iteration)")
     args = ap.parse_args(argv)
     T = args.steps

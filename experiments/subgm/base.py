@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxsense as js
+from experiments import cli as cli_types
 from experiments import common
 from experiments.subgm import settings as S
 
@@ -94,28 +95,50 @@ def claim(fig: str, claim_text: str, measured: str, verdict: str) -> dict:
     return {"fig": fig, "claim": claim_text, "measured": measured, "verdict": verdict}
 
 
+def reduced_note(values: dict, paper: dict) -> str | None:
+    """'reduced run: seeds=2 < 5, steps=600 < 6000' when any flag in ``values`` is below its
+    paper setting in ``paper`` (a value of 0 means 'skipped' and is not a reduction)."""
+    low = [f"{k}={values[k]} < {v}" for k, v in paper.items() if 0 < values[k] < v]
+    return "reduced run (smaller than the paper setting): " + ", ".join(low) if low else None
+
+
 def cli(name: str, doc: str, compute, plot, summary, argv=None, out=None,
-        default_seeds: int = 5, default_steps: int = S.T, extra=None) -> dict:
-    """Parse --seeds/--steps/--out (+ ``extra(parser)``), compute in float64, save PNG+JSON."""
+        default_seeds: int = 5, default_steps: int = S.T, extra=None,
+        paper_extra: dict | None = None) -> dict:
+    """Parse --seeds/--steps/--out (+ ``extra(parser)``), compute in float64, save PNG+JSON.
+
+    A run with fewer seeds or steps than the paper setting (``default_seeds``,
+    ``default_steps``, and ``paper_extra`` {dest: value} of extra flags) records
+    ``data["reduced"]`` (a sentence; None for a paper-sized run) in the JSON and prints it
+    on the plot (:func:`experiments.common.figure_note`)."""
     ap = argparse.ArgumentParser(prog=f"python -m experiments.subgm.{name}",
                                  description=doc.strip().splitlines()[0])
-    ap.add_argument("--seeds", type=int, default=default_seeds, help="number of seeds (≥ 5 for the paper figures)")
-    ap.add_argument("--steps", type=int, default=default_steps, help="iterations T")
+    ap.add_argument("--seeds", type=cli_types.pos_int, default=default_seeds,
+                    help=f"number of seeds (paper setting: {default_seeds})")
+    ap.add_argument("--steps", type=cli_types.pos_int, default=default_steps,
+                    help=f"iterations T (paper setting: {default_steps})")
     ap.add_argument("--out", default=out or "results/subgm", help="output folder")
     if extra is not None:
         extra(ap)
     args = ap.parse_args(argv)
     kw = {k: v for k, v in vars(args).items() if k not in ("seeds", "steps", "out")}
+    paper = {"seeds": default_seeds, "steps": default_steps, **(paper_extra or {})}
+    reduced = reduced_note(vars(args), paper)
     t0 = time.time()
     with jax.enable_x64(True):
         data = compute(seeds=args.seeds, steps=args.steps, **kw)
+    data["reduced"] = reduced
+    data["paper_setting"] = paper
     outdir = common.out_dir(root=args.out)
-    plot(data, outdir / f"{name}.png")
+    with common.figure_note(reduced):
+        plot(data, outdir / f"{name}.png")
     data["wall_s"] = time.time() - t0
     data["figure"] = name
     common.save_json(outdir / f"{name}.json", data)
     for line in summary(data):
         print(line)
+    if reduced:
+        print(reduced)
     print(f"wrote {outdir / (name + '.png')} and {name}.json in {data['wall_s']:.1f}s")
     return data
 

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxsense as js
-from experiments import common
+from experiments import cli, common
 from experiments.subgm import base
 from experiments.subgm import settings as S
 
@@ -133,10 +133,11 @@ def claims(data: dict):
 
 def main(argv=None, out=None) -> dict:
     def extra(ap):
-        ap.add_argument("--slow-steps", type=int, default=0,
+        ap.add_argument("--slow-steps", type=cli.nonneg_int, default=0,
                         help=f"iterations of the slow-schedule panel (b) (0: skip; "
                              f"experiments.subgm.all uses {S.SLOW_T})")
-    return base.cli("fig1b", __doc__, compute, plot, summary, argv, out, extra=extra)
+    return base.cli("fig1b", __doc__, compute, plot, summary, argv, out, extra=extra,
+                    paper_extra={"slow_steps": S.SLOW_T})
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from experiments import common
+from experiments import cli, common
 from jaxsense.sweep import sweep
 
 D, R, SPECTRUM = 10, 2, (2.0, 1.0)
@@ -116,16 +116,21 @@ def plot(data, path):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="small grid, 3 seeds, T=1000")
-    ap.add_argument("--seeds", type=int, default=None)
+    ap.add_argument("--quick", action="store_true", help="small grid, 3 seeds (a reduced run)")
+    ap.add_argument("--seeds", type=cli.pos_int, default=None, help="seeds per cell (default 8)")
     ap.add_argument("--out", default="results/subgm")
     a = ap.parse_args(argv)
+    low = (["--quick: 3x3 grids"] if a.quick else []) + (
+        [f"seeds={a.seeds} < 8"] if a.seeds is not None and a.seeds < 8 else [])
+    reduced = "reduced run (smaller than the default setting): " + ", ".join(low) if low else None
     with jax.enable_x64(True):
         data = compute(a.quick, a.seeds)
+    data["reduced"] = reduced
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     common.save_json(out / "phase_transition.json", data)
-    plot(data, out / "phase_transition.png")
+    with common.figure_note(reduced):
+        plot(data, out / "phase_transition.png")
     print(f"wrote {out / 'phase_transition.json'} and .png  ({data['wall_s']:.0f}s)")
 
 

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import common
+from experiments import cli, common
 from jaxsense import asymmetric as asy
 
 P_VALUES = (0.1, 0.2, 0.3)
@@ -103,8 +103,8 @@ def plot(data, path):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="n=40, r=4")
-    ap.add_argument("--max-steps", type=int, nargs=3, default=None,
+    ap.add_argument("--quick", action="store_true", help="n=40, r=4 (a reduced run)")
+    ap.add_argument("--max-steps", type=cli.pos_int, nargs=3, default=None,
                     metavar=("SCALEDSM", "SUBGM_POLYAK", "SUBGM_SMALL"))
     ap.add_argument("--out", default="results/subgm")
     a = ap.parse_args(argv)
@@ -112,11 +112,17 @@ def main(argv=None):
     caps = tuple(a.max_steps) if a.max_steps else (400, 600, 1500)
     with jax.enable_x64(True):
         data = compute(n, r, max_steps=caps)
+    low = (["--quick: n=40, r=4 < n=100, r=10"] if a.quick else []) + [
+        f"--max-steps {k}={c} < {d}" for k, c, d in
+        zip(("scaledsm", "subgm_polyak", "subgm_small"), caps, (400, 600, 1500)) if c < d]
+    data["reduced"] = ("reduced run (smaller than the paper setting): " + ", ".join(low)
+                       if low else None)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     name = "scaledsm_quick" if a.quick else "scaledsm"
     common.save_json(out / f"{name}.json", data)
-    plot(data, out / f"{name}.png")
+    with common.figure_note(data["reduced"]):
+        plot(data, out / f"{name}.png")
     print(f"wrote {out / name}.json and .png ({data['wall_s']:.0f}s)")
 
 

@@ -32,6 +32,18 @@ def check_int(name: str, value, *, low: int | None = None, high: int | None = No
     return value
 
 
+def check_positive_int(name: str, value, *, allow_none: bool = False):
+    """``value`` must be an int ≥ 1 (or None when ``allow_none``); returns it as int/None.
+    ValueError "name=value: expected a positive int" otherwise."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, np.integer)) \
+            or value < 1:
+        raise ValueError(f"{name}={value!r}: expected a positive int"
+                         + (" or None" if allow_none else ""))
+    return int(value)
+
+
 def check_scalar(name: str, value, *, low=None, high=None, low_open=False, high_open=False):
     """Check a real scalar (python number or 0-d/batched array) lies in an interval.
 
@@ -76,12 +88,43 @@ def check_shape(name: str, x, shape: tuple) -> None:
         raise ValueError(f"{name}: expected shape {want}, got {got}")
 
 
+def check_trailing_shape(name: str, x, trailing: tuple) -> None:
+    """``x`` has shape (..., *trailing) (any leading batch axes; None in ``trailing`` is a
+    wildcard). Shapes are static, so this also checks tracers under jit/vmap."""
+    got = tuple(np.shape(x))
+    k = len(trailing)
+    ok = len(got) >= k and all(s is None or s == g for s, g in zip(trailing, got[len(got) - k:]))
+    if not ok:
+        want = ("...",) + tuple("*" if s is None else s for s in trailing)
+        raise ValueError(f"{name}: expected shape ({', '.join(map(str, want))}), got {got}")
+
+
+def check_real_array(name: str, x) -> None:
+    """A floating-point array whose entries are all finite (the finiteness part is skipped
+    for tracers). Integer arrays are refused: they give NaN (or silently truncated)
+    results in the float arithmetic of the metrics and solvers."""
+    check_float_dtype(name, x)
+    check_finite(name, x)
+
+
 def check_float_dtype(name: str, x, dtype=None) -> None:
     dt = np.dtype(x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype)
     if dt.kind != "f":
         raise TypeError(f"{name}: expected a floating-point array, got dtype {dt}")
     if dtype is not None and dt != np.dtype(dtype):
         raise TypeError(f"{name}: expected dtype {np.dtype(dtype)} (to match the operator), got {dt}")
+
+
+def check_float_dtype_arg(name: str, value) -> None:
+    """A ``dtype=`` argument must name a floating dtype (jax.random and the solvers need
+    one; an integer dtype otherwise fails deep inside JAX)."""
+    try:
+        dt = jnp.dtype(value)
+    except TypeError:
+        dt = None
+    if dt is None or not jnp.issubdtype(dt, jnp.floating):
+        raise TypeError(f"{name}={value!r}: expected a floating dtype such as float32 or "
+                        "float64")
 
 
 def check_choice(name: str, value, choices) -> None:

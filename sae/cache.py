@@ -50,6 +50,8 @@ from typing import Any
 
 import numpy as np
 
+from jaxsense._checks import check_positive_int
+
 from sae.corpus import CHAIN_START, TextSource, as_text_source, chain_hash
 from sae._atomic import atomic_save_npy, fsync_dir, is_temp_name
 from sae.format import (
@@ -92,11 +94,7 @@ def _is_int(x) -> bool:
 
 
 def _check_positive_int(name: str, value, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if not _is_int(value) or value <= 0:
-        raise ValueError(f"{name}={value!r}: expected a positive int"
-                         + (" or None" if allow_none else ""))
+    check_positive_int(name, value, allow_none=allow_none)
 
 
 def _check_layers(layers) -> list[int]:

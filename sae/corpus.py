@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from jaxsense._checks import check_positive_int
+
 __all__ = [
     "CHAIN_START",
     "TextSource",
@@ -118,8 +120,7 @@ def default_corpus(min_chars: int = 40) -> TextSource:
     standard library, in sorted-file, breadth-first-AST order. About 6.5k texts / 1.6M
     characters on CPython 3.11. Deterministic for a given Python version (recorded in the
     description)."""
-    if not isinstance(min_chars, int) or min_chars < 1:
-        raise ValueError(f"min_chars={min_chars!r}: expected a positive int")
+    check_positive_int("min_chars", min_chars)
     texts = _default_corpus_tuple(min_chars)
     desc = {
         "kind": "default",

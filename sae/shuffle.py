@@ -23,6 +23,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from jaxsense._checks import check_positive_int
+
 __all__ = [
     "CHUNK_BYTES",
     "MODES",
@@ -51,9 +53,7 @@ class Chunks(NamedTuple):
 
 
 def _positive_int(name: str, v) -> int:
-    if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
-        raise ValueError(f"{name}={v!r}: expected a positive int")
-    return int(v)
+    return check_positive_int(name, v)
 
 
 def _sizes(shard_sizes: Sequence[int] | np.ndarray) -> np.ndarray:

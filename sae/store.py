@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from jaxsense._checks import check_positive_int
+
 from sae import shuffle as _shuffle
 from sae._atomic import atomic_save_npy, atomic_write_bytes, fsync_dir  # noqa: F401 (re-export)
 from sae.format import (  # noqa: F401  (shard_file_name, write_manifest: re-exports)
@@ -153,13 +155,11 @@ class ActivationStore:
         verify: str = "full",
         reuse_buffers: bool = True,
     ):
-        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-            raise ValueError(f"batch_size={batch_size!r}: expected a positive int")
+        check_positive_int("batch_size", batch_size)
         if prefetch is not None and (not isinstance(prefetch, int) or isinstance(prefetch, bool)
                                      or prefetch < 0):
             raise ValueError(f"prefetch={prefetch!r}: expected None or an int >= 0")
-        if window_shards is not None and (not isinstance(window_shards, int) or window_shards < 1):
-            raise ValueError(f"window_shards={window_shards!r}: expected None or a positive int")
+        check_positive_int("window_shards", window_shards, allow_none=True)
         if not isinstance(reuse_buffers, bool):
             raise TypeError(f"reuse_buffers={reuse_buffers!r}: expected a bool")
         if not isinstance(shuffle, (bool, str)) or shuffle not in _MODES:
@@ -168,8 +168,7 @@ class ActivationStore:
             )
         for name, v in (("block_rows", block_rows), ("shuffle_buffer", shuffle_buffer),
                         ("chunk_rows", 1 if chunk_rows is None else chunk_rows)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name}={v!r}: expected a positive int")
+            check_positive_int(name, v)
         self.path = Path(path)
         self.manifest = verify_cache(path, verify)
         self.layers: list[int] = [int(l) for l in self.manifest["layers"]]
@@ -338,8 +337,7 @@ class ActivationStore:
         layer = self.layer if layer is None else layer
         for name, v in (("max_tokens", 1 if max_tokens is None else max_tokens),
                         ("chunk_tokens", chunk_tokens)):
-            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name}={v!r}: expected a positive int")
+            check_positive_int(name, v)
         limit = self.n_tokens if max_tokens is None else min(int(max_tokens), self.n_tokens)
         acc = MomentAccumulator(self.d_model)
         for sh in range(self.n_shards):

@@ -62,12 +62,14 @@ class DenseGaussian:
 
     def apply(self, X):
         """𝒜(X): (..., d, d) -> (..., m). Batched X becomes one matmul."""
+        _checks.check_trailing_shape("X", X, (self.d, self.d))
         flat = X.reshape(X.shape[:-2] + (self.d * self.d,))
         # contract A's own last axis: `flat @ A.T` made XLA copy a transposed A per call
         return jnp.einsum("mk,...k->...m", self.A, flat)
 
     def apply_gram(self, U):
         """𝒜(U Uᵀ) for U: (d, r') -> (m,)."""
+        _checks.check_shape("U", U, (self.d, None))
         X = U @ U.T
         if self.B is None:
             return self.apply(X)
@@ -75,7 +77,8 @@ class DenseGaussian:
         return self.B @ X[iu, ju]
 
     def adjoint(self, v):
-        """𝒜*(v) = Σ_i v_i A_i: (m,) -> (d, d)."""
+        """𝒜*(v) = Σ_i v_i A_i: (..., m) -> (..., d, d)."""
+        _checks.check_trailing_shape("v", v, (self.m,))
         return (v @ self.A).reshape(v.shape[:-1] + (self.d, self.d))
 
     def with_packed(self) -> "DenseGaussian":
@@ -103,14 +106,17 @@ class RankOne:
 
     def apply(self, X):
         """⟨a_i a_iᵀ, X⟩ = a_iᵀ X a_i: (..., d, d) -> (..., m)."""
+        _checks.check_trailing_shape("X", X, (self.d, self.d))
         return jnp.einsum("md,...de,me->...m", self.a, X, self.a)
 
     def apply_gram(self, U):
         """‖Uᵀ a_i‖² for U: (d, r') -> (m,); costs m·d·r' instead of m·d²."""
+        _checks.check_shape("U", U, (self.d, None))
         return jnp.sum((self.a @ U) ** 2, axis=-1)
 
     def adjoint(self, v):
         """Σ_i v_i a_i a_iᵀ = aᵀ diag(v) a: (m,) -> (d, d)."""
+        _checks.check_shape("v", v, (self.m,))
         return (self.a.T * v) @ self.a
 
 
@@ -135,12 +141,15 @@ class EntrySampling:
         return jnp.dtype(self.dtype_name)
 
     def apply(self, X):
+        _checks.check_trailing_shape("X", X, (self.d, self.d))
         return X[..., self.rows, self.cols]
 
     def apply_gram(self, U):
+        _checks.check_shape("U", U, (self.d, None))
         return jnp.sum(U[self.rows] * U[self.cols], axis=-1)
 
     def adjoint(self, v):
+        _checks.check_shape("v", v, (self.m,))
         return jnp.zeros((self.d, self.d), v.dtype).at[self.rows, self.cols].add(v)
 
 
@@ -159,6 +168,7 @@ def dense_gaussian(key, m: int, d: int, dtype=jnp.float32, packed: bool = True) 
     𝒜(UUᵀ)); pass False for very large m·d².
     """
     _check_md(m, d)
+    _checks.check_float_dtype_arg("dtype", dtype)
     op = DenseGaussian(A=jax.random.normal(key, (m, d * d), dtype), d=d)
     return op.with_packed() if packed else op
 
@@ -166,12 +176,14 @@ def dense_gaussian(key, m: int, d: int, dtype=jnp.float32, packed: bool = True) 
 def rank_one(key, m: int, d: int, dtype=jnp.float32) -> RankOne:
     """Quadratic sampling with a_i ~ N(0, I_d)."""
     _check_md(m, d)
+    _checks.check_float_dtype_arg("dtype", dtype)
     return RankOne(a=jax.random.normal(key, (m, d), dtype))
 
 
 def entry_sampling(key, m: int, d: int, dtype=jnp.float32, replace: bool = True) -> EntrySampling:
     """m entries (r_i, c_i) drawn uniformly from the d×d grid (with or without replacement)."""
     _check_md(m, d)
+    _checks.check_float_dtype_arg("dtype", dtype)
     if not replace and m > d * d:
         raise ValueError(f"m={m}: expected m <= d*d={d * d} when sampling without replacement")
     idx = jax.random.choice(key, d * d, (m,), replace=replace)

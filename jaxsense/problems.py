@@ -78,6 +78,7 @@ def ground_truth(key, d: int, spectrum: Sequence[float], dtype=jnp.float32) -> G
     ``spectrum``: (r,) positive eigenvalues (sorted decreasingly here).
     """
     _checks.check_int("d", d, low=1)
+    _checks.check_float_dtype_arg("dtype", dtype)
     spec = np.sort(np.asarray(spectrum, dtype=float))[::-1]
     if spec.ndim != 1 or spec.size < 1 or spec.size > d:
         raise ValueError(f"spectrum={list(spectrum)!r}: expected 1..d={d} eigenvalues")
@@ -159,6 +160,7 @@ def make_problem(
     _checks.check_int("m", m, low=1)
     _checks.check_scalar("p", p, low=0.0, high=1.0, high_open=True)
     _checks.check_scalar("nu", nu, low=0.0)
+    _checks.check_float_dtype_arg("dtype", dtype)
     if kappa is not None:
         spectrum = spectrum_from_condition(r, kappa)
     if truth is None and len(spectrum) != r:

@@ -57,6 +57,7 @@ def _check_dictionary(D, name="D"):
         )
     if D.shape[0] < 1 or D.shape[1] < 1:
         raise ValueError(f"{name} must have H >= 1 rows and N >= 1 atoms; got shape {D.shape}")
+    _checks.check_real_array(name, D)  # integer D gives all-NaN normalised atoms
 
 
 def _check_metric(S, H, name="S"):
@@ -67,6 +68,7 @@ def _check_metric(S, H, name="S"):
             f"{name} must be an (H, H) = ({H}, {H}) metric matching the dictionary's "
             f"{H} rows; got shape {getattr(S, 'shape', type(S))}"
         )
+    _checks.check_real_array(name, S)
 
 
 def _check_signals(Y, H, name="Y"):
@@ -77,6 +79,7 @@ def _check_signals(Y, H, name="Y"):
             f"{name} has width {Y.shape[-1]} but the dictionary has H = {H} rows "
             f"(dictionary width mismatch); expected {name}.shape[-1] == {H}"
         )
+    _checks.check_real_array(name, Y)
 
 
 # ----------------------------------------------------------------------------- Gram / coherence

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxsense import _checks
 from jaxsense import sparse as sp
 from sae.moments import MomentAccumulator, SecondMoment  # the one accumulator
 
@@ -156,6 +157,10 @@ def aip_from_moment(m2, *, ridge: float = 0.0, ridge_relative: bool = True,
         raise ValueError(f"ridge must be >= 0; got {ridge}")
     if singular not in ("raise", "pinv"):
         raise ValueError(f"singular must be 'raise' or 'pinv'; got {singular!r}")
+    if not np.any(m2):
+        raise ValueError(f"m2 (second moment, H={m2.shape[0]}) is all zeros (all-zero "
+                         "activations?); expected a non-zero moment — no ridge or "
+                         "pseudo-inverse defines an AIP for it")
     H = m2.shape[0]
     r = float(ridge) * (np.trace(m2) / H if ridge_relative else 1.0)
     m = 0.5 * (m2 + m2.T) + r * np.eye(H)
@@ -164,6 +169,9 @@ def aip_from_moment(m2, *, ridge: float = 0.0, ridge_relative: bool = True,
     cond = float(hi / lo) if lo > 0 else float("inf")
     if singular == "pinv":
         keep = ev > pinv_rtol * max(hi, 1e-300)
+        if not keep.any():
+            raise ValueError(f"m2 (second moment, H={H}) has no positive eigenvalue (max "
+                             f"{hi:.3e}); expected a positive semi-definite, non-zero moment")
         Vk, ek = V[:, keep], ev[keep]
         S = (Vk / ek) @ Vk.T
         return AIP(S, (Vk / np.sqrt(ek)) @ Vk.T, (Vk * np.sqrt(ek)) @ Vk.T, ev,
@@ -300,10 +308,10 @@ def k_from_l0(l0, k_quantile: float | str = 0.5) -> float:
     l0 = np.asarray(l0, np.float64)
     if l0.size == 0:
         raise ValueError("l0 is empty; expected per-sample L0 of at least one sample")
-    if k_quantile == "mean":
-        return float(l0.mean())
-    if k_quantile == "max":
-        return float(l0.max())
+    if isinstance(k_quantile, str):
+        _checks.check_choice("k_quantile", k_quantile, ("mean", "max"))
+        return float(l0.mean() if k_quantile == "mean" else l0.max())
+    _checks.check_scalar("k_quantile", k_quantile, low=0.0, high=1.0)
     return float(np.quantile(l0, float(k_quantile)))
 
 
@@ -350,6 +358,8 @@ def uniqueness_per_sample(D, codes, S=None, *, k_max: int | None = None, mu_atom
       condition for exact recovery of that sample by BP/OMP (ERC via Gershgorin).
     Samples with L0 > k_max (default: max L0, capped at N) count as failures.
     Returns fractions and (B,) boolean arrays."""
+    _check_dict("D", D)
+    _checks.check_finite("codes", codes)
     D = jnp.asarray(D)
     codes = jnp.asarray(codes)
     _check_codes(D, codes)
@@ -368,6 +378,14 @@ def uniqueness_per_sample(D, codes, S=None, *, k_max: int | None = None, mu_atom
             "support_ok": np.asarray(ok_s), "atom_ok": np.asarray(ok_a)}
 
 
+def _check_dict(name, D):
+    """A 2-D floating-point dictionary with finite entries (integer D gives all-NaN
+    metrics); checked on the caller's array before any cast."""
+    if np.ndim(D) != 2:
+        raise ValueError(f"{name}: expected a 2-D array, got shape {np.shape(D)}")
+    _checks.check_real_array(name, D)
+
+
 def _check_codes(D, codes):
     if codes.ndim != 2 or codes.shape[1] != D.shape[1]:
         raise ValueError(
@@ -382,6 +400,8 @@ def r2(x, x_hat, S=None):
     returns a 0-d array in the inputs' floating dtype (float32 unless x64 is enabled). Shapes
     are checked under jit too; the zero-variance check (ValueError) only on concrete input
     (under jit a constant x gives nan/−inf)."""
+    _checks.check_finite("x", x)
+    _checks.check_finite("x_hat", x_hat)
     x = jnp.asarray(x)
     xh = jnp.asarray(x_hat)
     if x.shape != xh.shape:
@@ -408,6 +428,7 @@ def r2(x, x_hat, S=None):
 def rip_estimate(D, S, K: int, *, key, n_supports: int = 1024, mu: float | None = None) -> dict:
     """Sampled δ_K (lower bound; :func:`jaxsense.sparse.rip_constant`) of the S̃-normalised
     dictionary and the Gershgorin upper bound (K−1)μ. K is rounded to an integer ≥ 1."""
+    _check_dict("D", D)
     D = jnp.asarray(D)
     Ki = int(max(1, min(round(float(K)), D.shape[1])))
     Sj = None if S is None else jnp.asarray(S, D.dtype)
@@ -431,6 +452,10 @@ def l1_recoverability(D, codes, *, x=None, b_dec=None, S=None, target: str = "re
     reconstruction error. Support: |δ_i| > tol·max|δ| (relative). Requires N ≥ H and a full-rank
     D (else the equality constraint may be infeasible; then ``bp_residual`` shows it).
     Returns exact-support rate, mean Jaccard / precision / recall, median relative residual."""
+    _check_dict("D", D)
+    _checks.check_finite("codes", codes)
+    if x is not None:
+        _checks.check_real_array("x", x)
     D = jnp.asarray(D, jnp.float32)
     codes = jnp.asarray(codes, jnp.float32)
     _check_codes(D, codes)
@@ -506,6 +531,18 @@ def unit_metrics(x, units: dict, aip: AIP, *, key, k_quantile: float | str = 0.5
     uniqueness (support-restricted and atom-wise), RIP (sampled δ_K and Gershgorin),
     ℓ1 recoverability on the first ``n_bp`` samples (only when N ≥ H; neurons are trivially
     recoverable and skipped)."""
+    _checks.check_real_array("x", x)
+    _check_dict("units['D']", units["D"])
+    _checks.check_finite("units['codes']", units["codes"])
+    _checks.check_finite("units['x_hat']", units["x_hat"])
+    if np.ndim(x) != 2:
+        raise ValueError(f"x: expected (B, H) activations, got shape {np.shape(x)}")
+    if np.ndim(units["codes"]) != 2 or np.shape(units["codes"])[0] != np.shape(x)[0]:
+        raise ValueError(f"units['codes']: expected ({np.shape(x)[0]}, N), one row per row of "
+                         f"x; got shape {np.shape(units['codes'])}")
+    if np.shape(units["x_hat"]) != np.shape(x):
+        raise ValueError(f"units['x_hat']: expected the shape of x {np.shape(x)}; got "
+                         f"{np.shape(units['x_hat'])}")
     x = np.asarray(x, np.float32)
     D = jnp.asarray(units["D"], jnp.float32)
     codes = jnp.asarray(units["codes"], jnp.float32)
@@ -582,6 +619,7 @@ def tsae_construction(D, S=None):
     """The theorem's SAE: atoms normalised in ‖·‖_S, W_dec = D̂ᵀ (N, H), W_enc = S D̂ (H, N),
     i.e. pre-activations π = x W_enc = (D̂ᵀ S x)ᵀ. Returns (W_enc, W_dec, scale) where
     ``scale`` (N,) = ‖d_i‖_S rescales codes: δ̂_i = δ_i ‖d_i‖_S (so x = D̂ δ̂)."""
+    _check_dict("D", D)
     D = np.asarray(D, np.float64)
     S = np.eye(D.shape[0]) if S is None else np.asarray(S, np.float64)
     scale = np.sqrt(np.einsum("hn,hk,kn->n", D, S, D))
@@ -595,6 +633,9 @@ def theory_check(x, D, codes, S=None, *, tau: float | None = None) -> dict:
     interval of :func:`threshold_interval` (midpoint unless given), the SAE's support
     1[π ≥ τ] equals the planted support for every sample. Returns the interval, ε, K and the
     measured support-recovery rate (and value error, which needs more than the theorem)."""
+    _checks.check_real_array("x", x)
+    _check_dict("D", D)
+    _checks.check_finite("codes", codes)
     x = np.asarray(x, np.float64)
     codes = np.asarray(codes, np.float64)
     D = np.asarray(D, np.float64)
@@ -628,6 +669,8 @@ def match_atoms(D_true, W_dec) -> dict:
     W_dec (M, H) by best ABSOLUTE cosine (an atom is a direction up to sign: a row −c·d_i
     matches d_i). Returns, per true atom, {"index" (N,) the matched row, "abs_cos" (N,) its
     |cos| ∈ [0, 1], "cos" (N,) the signed cosine of that match (−1: found negated)}."""
+    _check_dict("D_true", D_true)
+    _check_dict("W_dec", W_dec)
     Dt = np.asarray(D_true, np.float64)
     W = np.asarray(W_dec, np.float64)
     if Dt.ndim != 2 or W.ndim != 2:

@@ -19,11 +19,30 @@ from typing import Any
 
 import jax
 
-__all__ = ["CheckpointMismatchError", "abstract_like", "open_manager", "restore", "save"]
+__all__ = ["CheckpointCorruptError", "CheckpointMismatchError", "abstract_like", "open_manager", "restore", "save"]
 
 
 class CheckpointMismatchError(ValueError):
     """The checkpoint was written by a run with another config / sweep."""
+
+
+class CheckpointCorruptError(ValueError):
+    """A checkpoint step's files cannot be read (garbled meta JSON, truncated arrays, …)."""
+
+
+def _unreadable(mngr, step: int, part: str, err: Exception) -> CheckpointCorruptError:
+    """One readable error naming the step folder and the part that failed, suggesting the
+    previous step still on disk (orbax keeps the last 2) when there is one."""
+    folder = os.path.join(str(mngr.directory), str(step))
+    first = (str(err).strip().splitlines() or [""])[0][:300]
+    older = sorted(s for s in mngr.all_steps() if s < step)
+    hint = (f"; the previous step {older[-1]} is still in {mngr.directory}: delete {folder} "
+            f"to resume from it" if older else
+            "; no earlier step is kept: delete the folder (or pass overwrite=True) to start over")
+    return CheckpointCorruptError(
+        f"checkpoint step {step} in {mngr.directory} is unreadable: its {part} "
+        f"({os.path.join(folder, part)}) could not be restored ({type(err).__name__}: "
+        f"{first}){hint}")
 
 
 def _has_checkpoints(directory: str) -> bool:
@@ -101,13 +120,22 @@ def restore(mngr, template_state, expected: dict, *, check_keys=("config", "n_sa
     step = mngr.latest_step()
     if step is None:
         return None
-    meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    try:
+        meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    except Exception as e:  # garbled / truncated JSON, missing files: name the step folder
+        raise _unreadable(mngr, step, "meta", e) from e
+    if not isinstance(meta, dict):
+        raise _unreadable(mngr, step, "meta", TypeError(
+            f"expected a JSON object, got {type(meta).__name__}"))
     now = json.loads(json.dumps({k: expected[k] for k in check_keys}))
     diffs = _diff({k: meta.get(k) for k in check_keys}, now)
     if diffs:
         raise CheckpointMismatchError(
             f"checkpoint at step {step} in {mngr.directory} was written by another run; "
             f"differences: " + "; ".join(diffs))
-    out = mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_like(template_state))))
+    try:
+        out = mngr.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_like(template_state))))
+    except Exception as e:  # truncated / garbled array files (tensorstore errors)
+        raise _unreadable(mngr, step, "state", e) from e
     return out["state"], meta

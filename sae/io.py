@@ -40,6 +40,7 @@ import numpy as np
 from sae._atomic import atomic_write_bytes  # the one atomic writer (re-exported)
 
 __all__ = [
+    "WeightsFileError",
     "atomic_write_bytes",
     "fold_b_dec_into_b_enc",
     "load_gemmascope",
@@ -114,6 +115,28 @@ def save_gemmascope(path: str, params: dict, *, apply_b_dec_to_input: bool = Fal
     return path
 
 
+class WeightsFileError(ValueError):
+    """A weights / config file that cannot be parsed as the format it should be in."""
+
+
+def _unreadable(path: str, what: str, err: Exception) -> WeightsFileError:
+    first = (str(err).strip().splitlines() or [""])[0][:300]
+    return WeightsFileError(f"{path}: not readable as {what} ({type(err).__name__}: {first})")
+
+
+def _read_json(path: str, what: str) -> dict:
+    """A JSON object from ``path``, or one WeightsFileError naming the file."""
+    try:
+        with open(path, "rb") as fh:
+            obj = json.loads(fh.read().decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise _unreadable(path, what, e) from e
+    if not isinstance(obj, dict):
+        raise _unreadable(path, what, TypeError(
+            f"expected a JSON object, got {type(obj).__name__}"))
+    return obj
+
+
 def load_gemmascope(path: str, dtype=None, *, apply_b_dec_to_input: bool = False) -> dict:
     """Read a Gemma Scope ``params.npz`` into a dict of numpy arrays (``log_threshold`` is
     accepted and exponentiated).
@@ -125,11 +148,21 @@ def load_gemmascope(path: str, dtype=None, *, apply_b_dec_to_input: bool = False
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no Gemma Scope params file at {path!r}")
-    with np.load(path) as z:
-        out = {k: np.asarray(z[k]) for k in KEYS if k in z}
-        if "threshold" not in out and "log_threshold" in z:
-            out["threshold"] = np.exp(z["log_threshold"])
-    validate_params(out)
+    try:
+        z = np.load(path)  # allow_pickle=False: a pickle is refused, never executed
+    except Exception as e:  # not .npy/.npz (pickle, text, truncated zip, …)
+        raise _unreadable(path, "a Gemma Scope params.npz", e) from e
+    if not isinstance(z, np.lib.npyio.NpzFile):
+        raise _unreadable(path, "a Gemma Scope params.npz", TypeError(
+            f"it holds a single {type(z).__name__}, not an .npz archive of named arrays"))
+    try:
+        with z:
+            out = {k: np.asarray(z[k]) for k in KEYS if k in z}
+            if "threshold" not in out and "log_threshold" in z:
+                out["threshold"] = np.exp(z["log_threshold"])
+        validate_params(out)
+    except Exception as e:  # corrupt member, pickled member, missing/mis-shaped arrays
+        raise _unreadable(path, "a Gemma Scope params.npz", e) from e
     if apply_b_dec_to_input:
         out = fold_b_dec_into_b_enc(out, sign=+1)
     return {k: v.astype(dtype) for k, v in out.items()} if dtype else out
@@ -226,8 +259,7 @@ def _saelens_scale(folder: str, cfg: dict, scaling_factor) -> float | None:
     if scaling_factor is None:
         spath = os.path.join(folder, "activation_scaler.json")
         if os.path.isfile(spath):
-            with open(spath) as fh:
-                scaling_factor = json.load(fh).get("scaling_factor")
+            scaling_factor = _read_json(spath, "activation_scaler.json").get("scaling_factor")
     if scaling_factor is None:
         raise ValueError(f"cfg.json normalize_activations='expected_average_only_in' but no "
                          f"scaling factor: {folder!r} has no activation_scaler.json with one; "
@@ -267,9 +299,11 @@ def load_saelens(folder: str, *, scaling_factor: float | None = None) -> tuple[d
     for p in (wpath, cpath):
         if not os.path.isfile(p):
             raise FileNotFoundError(f"SAELens folder {folder!r} lacks {os.path.basename(p)}")
-    with open(cpath) as fh:
-        cfg = json.load(fh)
-    w = dict(load_file(wpath))
+    cfg = _read_json(cpath, "a SAELens cfg.json")
+    try:
+        w = dict(load_file(wpath))
+    except Exception as e:  # safetensors' own errors (header too large, truncated, …)
+        raise _unreadable(wpath, "a SAELens sae_weights.safetensors", e) from e
     arch, k = _saelens_architecture(cfg, w)
     dtype = cfg.get("dtype", str(np.asarray(w["W_enc"]).dtype) if "W_enc" in w else "float32")
     dtype = str(dtype).removeprefix("torch.")

@@ -60,7 +60,10 @@ class TrainConfig:
     target_l0: None, or the mean L0 the run should land on: λ is then adapted during
       training by an integral controller in log space (``sae.step.train_step``):
       a ← a + ``target_l0_rate`` · log(max(L0_batch, 0.5) / target_l0), λ(t) = λ_sched(t)·eᵃ.
-      (Our method; SAELens and sparsify offer target-L0 training under other schemes.)
+      (Our method; SAELens and sparsify offer target-L0 training under other schemes.) The
+      L0 answers λ with a lag of many steps (θ moves at the learning rate), so a large rate
+      overshoots: the default suits the Anthropic recipe's lr over a few thousand steps;
+      a short run with a large lr can take a larger rate (measurements: docs/sae.md).
     steps_per_call: steps scanned inside one jitted call (data arrive as (k, B, d) chunks).
     matmul_dtype: None | "bfloat16" (matmul operands; accumulation and Adam in f32).
     seed: init seed of a single SAE (a sweep has its own seeds); data_seed: shuffling seed of
@@ -96,7 +99,7 @@ class TrainConfig:
     preact_on: str = "dead"
     dead_tokens: int = 10_000_000
     target_l0: float | None = None
-    target_l0_rate: float = 0.01
+    target_l0_rate: float = 0.001
     steps_per_call: int = 1
     log_every: int = 100
     checkpoint_every: int = 0

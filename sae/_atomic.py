@@ -35,14 +35,27 @@ __all__ = [
     "atomic_writer",
     "fsync_dir",
     "is_temp_name",
+    "temp_target",
 ]
 
 _TEMP_NAME = re.compile(r"^\..+\.tmp-[A-Za-z0-9_]+$")
+#: exactly what ``tempfile.mkstemp(prefix=".<target>.tmp-")`` creates: 8 characters of
+#: ``tempfile._RandomNameSequence.characters`` (``[a-z0-9_]``) after the prefix
+_OWN_TEMP_NAME = re.compile(r"^\.(?P<target>.+)\.tmp-[a-z0-9_]{8}$")
 
 
 def is_temp_name(name: str) -> bool:
     """True for the name of a temporary file of :func:`atomic_writer` (``.<name>.tmp-<x>``)."""
     return bool(_TEMP_NAME.match(name))
+
+
+def temp_target(name: str) -> str | None:
+    """The target file name whose temporary file :func:`atomic_writer` would name ``name``
+    (``".manifest.json.tmp-ab12cd_9"`` -> ``"manifest.json"``), or None when ``name`` is not
+    exactly such a temporary name. Stricter than :func:`is_temp_name`: a caller that deletes
+    leftovers can also check the target, so it deletes only its own files' temporaries."""
+    m = _OWN_TEMP_NAME.match(name)
+    return m.group("target") if m else None
 
 
 def fsync_dir(path: str | os.PathLike) -> None:

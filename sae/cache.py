@@ -33,15 +33,29 @@ records how many texts it consumed plus the hash chain over them
 (:func:`sae.corpus.chain_hash`). A re-run with the same arguments skips exactly the
 consumed texts (checking their hash chain) and re-forms the same batches, so an
 interrupted-then-resumed cache is byte-identical to an uninterrupted one.
+
+Guards (never destroy data without being asked)
+-----------------------------------------------
+One writer per folder: ``cache.lock`` (pid, hostname, start time; O_CREAT|O_EXCL) is taken
+before the folder is read and removed on return, on exceptions and on KeyboardInterrupt;
+a lock of a dead pid on this host is stale and taken over. Each shard has a sidecar
+``shard_######.json`` (checksums, rows, texts, run identity) written before the manifest
+commit. Resume re-verifies every committed shard (size, header, sha256 by default). A lost
+manifest is rebuilt from the sidecars when all of them verify, else the run refuses,
+deleting nothing. Only the atomic writer's temporary files of this module's own file
+names, and the partial files of the one shard a killed run was writing, are deleted
+without ``overwrite=True``.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import itertools
 import json
 import os
 import re
+import socket
 import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -53,31 +67,147 @@ import numpy as np
 from jaxsense._checks import check_positive_int
 
 from sae.corpus import CHAIN_START, TextSource, as_text_source, chain_hash
-from sae._atomic import atomic_save_npy, fsync_dir, is_temp_name
+from sae._atomic import atomic_save_npy, fsync_dir, temp_target
 from sae.format import (
     FORMAT,
     MANIFEST_NAME,
+    SHARD_META_FORMAT,
     STORAGE_DTYPES,
     layer_key,
     read_manifest,
+    read_shard_meta,
     shard_file_name,
-    verify_cache,
+    shard_meta_name,
+    verify_shard,
     write_manifest,
+    write_shard_meta,
 )
 
-__all__ = ["cache_activations", "disk_bytes_per_million_tokens", "find_blocks"]
+__all__ = ["CacheLockedError", "cache_activations", "disk_bytes_per_million_tokens",
+           "find_blocks"]
 
 DTYPES = tuple(STORAGE_DTYPES)
 #: Manifest fields that must agree for a run to continue (resume) an existing cache.
 IDENTITY_FIELDS = ("model", "tokenizer", "layers", "d_model", "dtype", "context_length",
                    "batch_size", "tokens_per_shard", "exclude_special_ids", "source")
-_OWN_FILE = re.compile(r"^(manifest\.json|shard_\d{6}\.[a-z_0-9]+\.npy)$")
+LOCK_NAME = "cache.lock"
+#: files this module writes (the lock is created directly, never through a temporary file)
+_OWN_FILE = re.compile(r"^(manifest\.json|cache\.lock|shard_\d{6}\.json"
+                       r"|shard_\d{6}\.[a-z_0-9]+\.npy)$")
+_SHARD_FILE = re.compile(r"^shard_(\d{6})\.(?:[a-z_0-9]+\.npy|json)$")
+
+
+def _own_temp(name: str) -> bool:
+    """A temporary file that :mod:`sae._atomic` created for one of this module's files
+    (exact name pattern of the writer, target a manifest/shard/sidecar name): a leftover
+    of a killed run or of a failed write. Nothing else is ever deleted as a leftover."""
+    target = temp_target(name)
+    return target is not None and target != LOCK_NAME and bool(_OWN_FILE.match(target))
 
 
 def _own_file(name: str) -> bool:
-    """A file this module writes: the manifest, a shard file, or a temporary file of the
-    atomic writer (a leftover of a killed run)."""
-    return bool(_OWN_FILE.match(name)) or is_temp_name(name)
+    """A file this module writes: the manifest, the lock, a shard file or sidecar, or a
+    temporary file of the atomic writer for one of them."""
+    return bool(_OWN_FILE.match(name)) or _own_temp(name)
+
+
+class CacheLockedError(RuntimeError):
+    """Another writer holds the lock of the cache folder (``cache.lock``)."""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    except (OverflowError, ValueError):
+        return False
+    return True
+
+
+class _CacheLock:
+    """``cache.lock`` in the cache folder: created with O_CREAT|O_EXCL, holding the JSON
+    ``{"pid", "hostname", "started"}`` of the writer; removed by :meth:`release`.
+
+    A lock whose holder ran on this host and whose pid is no longer alive is stale (its
+    writer was killed) and is taken over. A live holder, or one on another host, makes
+    :meth:`acquire` raise :class:`CacheLockedError` naming the folder and the holder."""
+
+    def __init__(self, out: Path):
+        self.out, self.path = out, out / LOCK_NAME
+        self.info = {"pid": os.getpid(), "hostname": socket.gethostname(),
+                     "started": _dt.datetime.now(_dt.timezone.utc).isoformat()}
+        self.data = json.dumps(self.info, sort_keys=True).encode()
+        self.held = False
+
+    def _read(self) -> tuple[bytes, dict | None]:
+        try:
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
+            return b"", None
+        try:
+            info = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return raw, None
+        ok = isinstance(info, dict) and isinstance(info.get("pid"), int)
+        return raw, info if ok else None
+
+    def _stale(self, info: dict | None) -> bool:
+        return (info is not None and info.get("hostname") == self.info["hostname"]
+                and info["pid"] != os.getpid() and not _pid_alive(info["pid"]))
+
+    def _break(self, raw: bytes) -> None:
+        """Remove the stale lock whose content is ``raw`` — unless another process replaced
+        it meanwhile (then put that one back)."""
+        aside = self.out / f".{LOCK_NAME}.stale-{os.getpid()}"
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return  # another process broke it first
+        if aside.read_bytes() != raw:  # a live lock slipped in: restore it
+            with contextlib.suppress(FileExistsError):
+                os.link(aside, self.path)
+        aside.unlink()
+
+    def acquire(self) -> None:
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                raw, info = self._read()
+                if self._stale(info):
+                    self._break(raw)
+                    continue
+                if not raw and info is None and not self.path.exists():
+                    continue  # released meanwhile
+                holder = (f"pid {info['pid']} on host {info.get('hostname')!r}, started "
+                          f"{info.get('started')}" if info else f"unreadable content {raw[:80]!r}")
+                raise CacheLockedError(
+                    f"out_dir={str(self.out)!r}: another writer holds {LOCK_NAME} ({holder}); "
+                    f"expected no other process caching into this folder. Wait for it to "
+                    f"finish; if that process is gone (it ran on another host, or the lock is "
+                    f"unreadable), delete {str(self.path)!r} and run again"
+                ) from None
+            try:
+                os.write(fd, self.data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            self.held = True
+            return
+        raise CacheLockedError(f"out_dir={str(self.out)!r}: could not take {LOCK_NAME} "
+                               f"(other writers kept replacing it)")
+
+    def release(self) -> None:
+        """Remove the lock if it is still ours."""
+        if self.held:
+            self.held = False
+            raw, _ = self._read()
+            if raw == self.data:
+                with contextlib.suppress(FileNotFoundError):
+                    self.path.unlink()
 
 
 def disk_bytes_per_million_tokens(d_model: int, dtype: str = "bfloat16", n_layers: int = 1,
@@ -224,42 +354,166 @@ def _special_ids(tok, exclude_special) -> list[int]:
     raise TypeError(f"exclude_special={exclude_special!r}: expected a bool or a set of token ids")
 
 
-def _existing_cache_check(out: Path, identity: dict, resume: bool) -> dict | None:
-    """Return the existing manifest to resume from, or None for a fresh cache.
+def _ident(m: dict, k: str):
+    v = m.get(k)
+    return {"description": v.get("description")} if k == "source" and v else v
 
-    Raises ValueError for a folder holding another cache (or unrelated files)."""
-    if not out.exists():
+
+def _identity_mismatch(out: Path, what: str, old: dict, identity: dict) -> str | None:
+    diffs = [k for k in IDENTITY_FIELDS if _ident(old, k) != identity[k]]
+    if not diffs:
         return None
-    if not out.is_dir():
-        raise ValueError(f"out_dir={str(out)!r}: exists and is not a folder")
-    if (out / MANIFEST_NAME).exists():
-        old = read_manifest(out)
-        def ident(m, k):
-            v = m.get(k)
-            return {"description": v.get("description")} if k == "source" and v else v
+    detail = "; ".join(f"{k}: {what} has {_ident(old, k)!r}, this run {identity[k]!r}"
+                       for k in diffs[:4])
+    return f"{', '.join(diffs)} differ: {detail}"
 
-        diffs = [k for k in IDENTITY_FIELDS if ident(old, k) != identity[k]]
-        if diffs:
-            detail = "; ".join(f"{k}: cache has {ident(old, k)!r}, this run {identity[k]!r}"
-                               for k in diffs[:4])
-            raise ValueError(
-                f"out_dir={str(out)!r}: holds the cache of another model or setting "
-                f"({', '.join(diffs)} differ: {detail}); expected an empty folder or a cache "
-                f"made with the same arguments"
-            )
-        if not resume:
-            raise ValueError(
-                f"out_dir={str(out)!r}: already holds a cache with {len(old['shards'])} shards; "
-                f"pass resume=True to continue it or choose an empty folder"
-            )
-        return old
-    strangers = [p.name for p in out.iterdir() if not _own_file(p.name)]
-    if strangers:
+
+def _new_manifest(identity: dict, n_layers: int) -> dict:
+    manifest = {"format": FORMAT, **identity,
+                "n_layers": n_layers, "complete": False, "n_tokens": 0, "shards": [],
+                "layer_semantics": "output of block l (0-based) = hidden_states[l+1], "
+                                   "pre-final-norm at the last block",
+                "storage_dtype": str(STORAGE_DTYPES[identity["dtype"]]), "runs": []}
+    manifest["source"] = {"description": identity["source"]["description"],
+                          "texts_consumed": 0, "text_chain": CHAIN_START}
+    return manifest
+
+
+def _shard_entry(meta: dict) -> dict:
+    return {k: meta[k] for k in ("index", "n_tokens", "n_texts", "first_text", "text_chain",
+                                 "files")}
+
+
+def _append_shard(manifest: dict, entry: dict) -> None:
+    manifest["shards"].append(entry)
+    manifest["source"]["texts_consumed"] = entry["first_text"] + entry["n_texts"]
+    manifest["source"]["text_chain"] = entry["text_chain"]
+    manifest["n_tokens"] += entry["n_tokens"]
+
+
+def _adopt_sidecars(out: Path, manifest: dict, by_index: dict, identity: dict,
+                    verify: str) -> str | None:
+    """Append to ``manifest`` the shards after its last one whose sidecars verify (same run
+    identity, continuing the text hash chain, every file's size and sha256); stop at the
+    first that does not and return why (None when every shard file was adopted)."""
+    n = len(manifest["shards"])
+    while n in by_index:
+        names, meta_name = set(by_index[n]), shard_meta_name(n)
+        if meta_name not in names:
+            return f"shard {n} has no sidecar {meta_name} (files {sorted(names)[:3]})"
+        try:
+            meta = read_shard_meta(out / meta_name)
+            bad = _identity_mismatch(out, meta_name, meta["identity"], identity)
+            if bad:
+                raise ValueError(f"written by another run ({bad})")
+            if (meta["first_text"] != manifest["source"]["texts_consumed"]
+                    or meta["prev_chain"] != manifest["source"]["text_chain"]):
+                raise ValueError(f"does not continue shard {n - 1} (first text "
+                                 f"{meta['first_text']}, expected "
+                                 f"{manifest['source']['texts_consumed']}, or its hash chain)")
+            extra = names - {f["file"] for f in meta["files"].values()} - {meta_name}
+            if extra:
+                raise ValueError(f"files {sorted(extra)} are not listed in it")
+            verify_shard(out, identity, meta, verify)
+        except (ValueError, FileNotFoundError, KeyError, TypeError) as e:
+            return f"sidecar {meta_name}: {e}"
+        _append_shard(manifest, _shard_entry(meta))
+        n += 1
+    return None
+
+
+def _plan_existing(out: Path, identity: dict, n_layers: int, resume: bool, overwrite: bool,
+                   verify: str) -> tuple[dict | None, list[str], list[tuple[dict, str]], dict]:
+    """Decide what to do with ``out`` before any work; deletes nothing.
+
+    Returns ``(manifest, delete, bad, info)``: the manifest to continue (None: start a
+    fresh cache), the names of files to delete (the atomic writer's leftovers of this
+    module's files; the partial files of the one shard a killed run was writing; with
+    ``overwrite`` every file of the cache), the committed shards failing verification
+    (with the reason), and ``{"adopted": n, "rebuilt": bool}``.
+
+    Raises ValueError naming ``out_dir`` for a folder holding another cache or unrelated
+    files, for shard files that are neither committed nor provably leftovers (with how to
+    recover), and for an existing cache with ``resume=False``."""
+    if not out.exists():
+        return None, [], [], {}
+    names = sorted(p.name for p in out.iterdir())
+    strangers = [n for n in names if not _own_file(n)]
+    own = [n for n in names if _own_file(n) and n != LOCK_NAME]
+    has_manifest = MANIFEST_NAME in names
+    if strangers and not has_manifest:
         raise ValueError(
             f"out_dir={str(out)!r}: not empty and holds no activation cache "
             f"(found {strangers[:3]}); expected an empty or new folder"
         )
-    return None
+    if overwrite:
+        return None, own, [], {}
+    temps = [n for n in names if _own_temp(n)]
+    by_index: dict[int, list[str]] = {}
+    for n in names:
+        m = _SHARD_FILE.match(n)
+        if m:
+            by_index.setdefault(int(m.group(1)), []).append(n)
+    if has_manifest:
+        manifest = read_manifest(out)
+        bad_ident = _identity_mismatch(out, "cache", manifest, identity)
+        if bad_ident:
+            raise ValueError(
+                f"out_dir={str(out)!r}: holds the cache of another model or setting "
+                f"({bad_ident}); expected an empty folder or a cache made with the same "
+                f"arguments (overwrite=True deletes it and starts over)"
+            )
+        if not resume:
+            raise ValueError(
+                f"out_dir={str(out)!r}: already holds a cache with {len(manifest['shards'])} "
+                f"shards; pass resume=True to continue it, overwrite=True to delete it and "
+                f"start over, or choose an empty folder"
+            )
+        bad = []
+        for shard in manifest["shards"]:
+            try:
+                verify_shard(out, manifest, shard, verify)
+            except (ValueError, FileNotFoundError) as e:
+                bad.append((shard, str(e)))
+        n0 = len(manifest["shards"])
+        why = _adopt_sidecars(out, manifest, by_index, identity, verify)
+        n = len(manifest["shards"])
+        beyond = sorted(i for i in by_index if i >= n)
+        partial = []
+        if beyond == [n] and shard_meta_name(n) not in by_index[n]:
+            partial = by_index[n]  # the shard a killed run was writing: no sidecar yet
+        elif beyond:
+            raise ValueError(
+                f"out_dir={str(out)!r}: files of shards {beyond} lie beyond the {n} shards "
+                f"{MANIFEST_NAME} lists and do not continue it ({why}); expected at most the "
+                f"partial files of shard {n} left by a killed run. Nothing was deleted: "
+                f"move those files away and run again, or pass overwrite=True to delete the "
+                f"whole cache and start over"
+            )
+        return manifest, temps + partial, bad, {"adopted": n - n0, "rebuilt": False}
+    if not by_index:
+        return None, temps, [], {}
+    manifest = _new_manifest(identity, n_layers)
+    why = _adopt_sidecars(out, manifest, by_index, identity, verify)
+    if why is not None:
+        n = len(manifest["shards"])
+        left = sorted(i for i in by_index if i >= n)
+        n_files = sum(len(v) for v in by_index.values())
+        raise ValueError(
+            f"out_dir={str(out)!r}: {MANIFEST_NAME} is missing and the shard files cannot "
+            f"all be rebuilt into a cache: {why}. Nothing was deleted. To recover: restore "
+            f"{MANIFEST_NAME} (e.g. from a backup); or move away the files of shards "
+            f"{left[:5]}{' …' if len(left) > 5 else ''} and run again (the manifest is then "
+            f"rebuilt from the {n} shards before them, whose sidecars verify); or pass "
+            f"overwrite=True to delete all {n_files} shard files and start over"
+        )
+    if not resume:
+        raise ValueError(
+            f"out_dir={str(out)!r}: holds a cache of {len(manifest['shards'])} shards whose "
+            f"{MANIFEST_NAME} is missing (rebuildable from the shard sidecars); pass "
+            f"resume=True to rebuild and continue it, or overwrite=True to delete it"
+        )
+    return manifest, temps, [], {"adopted": len(manifest["shards"]), "rebuilt": True}
 
 
 # ---------------------------------------------------------------------------- model plumbing
@@ -363,9 +617,10 @@ class _ShardBuffer:
         self.n_texts += n_texts
 
 
-def _commit_shard(out: Path, manifest: dict, buf: _ShardBuffer, chain: str) -> None:
-    """Write the buffered shard (all files atomic), then commit it in the manifest."""
-    index = len(manifest["shards"])
+def _write_shard(out: Path, manifest: dict, buf: _ShardBuffer, index: int, first_text: int,
+                 prev_chain: str, chain: str) -> dict:
+    """Write the buffered rows as shard ``index`` (each file atomic), then its sidecar;
+    return the shard's manifest entry. Nothing is committed until the manifest lists it."""
     d = manifest["d_model"]
     dt = STORAGE_DTYPES[manifest["dtype"]]
     arrays = {}
@@ -378,27 +633,33 @@ def _commit_shard(out: Path, manifest: dict, buf: _ShardBuffer, chain: str) -> N
     files = {k: atomic_save_npy(out / shard_file_name(index, k), a, sync_dir=False)
              for k, a in arrays.items()}
     fsync_dir(out)
-    first_text = manifest["source"]["texts_consumed"]
-    manifest["shards"].append({
-        "index": index, "n_tokens": buf.n_tokens, "n_texts": buf.n_texts,
-        "first_text": first_text, "text_chain": chain, "files": files,
-    })
-    manifest["source"]["texts_consumed"] = first_text + buf.n_texts
-    manifest["source"]["text_chain"] = chain
-    manifest["n_tokens"] += buf.n_tokens
+    entry = {"index": index, "n_tokens": buf.n_tokens, "n_texts": buf.n_texts,
+             "first_text": first_text, "text_chain": chain, "files": files}
+    meta = {"format": SHARD_META_FORMAT, **entry, "prev_chain": prev_chain,
+            "identity": {k: _ident(manifest, k) for k in IDENTITY_FIELDS},
+            "n_layers": manifest["n_layers"],
+            "written": _dt.datetime.now(_dt.timezone.utc).isoformat()}
+    write_shard_meta(out, meta)  # durable before the manifest names the shard
+    return entry
+
+
+def _commit_shard(out: Path, manifest: dict, buf: _ShardBuffer, chain: str) -> None:
+    """Write the buffered shard (files, then sidecar), then commit it in the manifest."""
+    entry = _write_shard(out, manifest, buf, len(manifest["shards"]),
+                         manifest["source"]["texts_consumed"],
+                         manifest["source"]["text_chain"], chain)
+    _append_shard(manifest, entry)
     write_manifest(out, manifest)  # the commit point
     buf.reset()
 
 
-def _remove_uncommitted(out: Path, manifest: dict | None) -> None:
-    """Delete temporary files and shard files the manifest does not list."""
-    keep = set()
-    if manifest:
-        for s in manifest["shards"]:
-            keep.update(f["file"] for f in s["files"].values())
-    for p in out.iterdir():
-        if p.name != MANIFEST_NAME and _own_file(p.name) and p.name not in keep:
-            p.unlink()
+def _delete(out: Path, names: Iterable[str]) -> None:
+    """Delete the named files of ``out`` (own files only; a name vanished meanwhile is fine)."""
+    for name in names:
+        if not _own_file(name) or name == LOCK_NAME:  # never anything else
+            raise AssertionError(f"refusing to delete {name!r}: not a file of the cache")
+        with contextlib.suppress(FileNotFoundError):
+            (out / name).unlink()
 
 
 # ---------------------------------------------------------------------------- main entry
@@ -422,6 +683,9 @@ def cache_activations(
     model_kwargs: dict | None = None,
     trust_remote_code: bool = False,
     resume: bool = True,
+    overwrite: bool = False,
+    verify: str = "full",
+    recache_corrupt: bool = False,
     progress: bool = True,
 ) -> dict:
     """Cache the residual stream after blocks ``layers`` of ``model`` over ``texts``.
@@ -450,7 +714,17 @@ def cache_activations(
       revision: hub revision of the model.
       model_dtype: torch dtype for the weights (default float32; ``"bfloat16"`` on GPU).
       model_kwargs: extra ``AutoModel.from_pretrained`` keyword arguments.
-      resume: continue an existing cache of the same run in ``out_dir``.
+      resume: continue an existing cache of the same run in ``out_dir`` (its committed
+        shards are verified first; a lost ``manifest.json`` is rebuilt from the shard
+        sidecars when every one of them verifies).
+      overwrite: delete the cache already in ``out_dir`` (its own files only: manifest,
+        shards, sidecars, temporary files) and start over. Without it nothing that is or
+        may be cache data is ever deleted; only the atomic writer's temporary files and
+        the partial files of the one shard a killed run was writing are removed.
+      verify: how resume checks the committed shards: ``"full"`` (size, ``.npy`` header
+        and sha256 of every file; default) or ``"size"`` (size and header only).
+      recache_corrupt: on resume, re-cache committed shards that fail verification from
+        their own texts instead of raising.
       progress: show a tqdm bar (texts, with tokens/s and ETA).
 
     Returns:
@@ -459,9 +733,17 @@ def cache_activations(
 
     Raises (all before the model is run):
       TypeError / ValueError naming the argument for bad arguments (layer out of range,
-      context_length <= 0, empty corpus, folder holding another model's cache, …);
-      FileNotFoundError for an unknown model path or name, or missing text path.
+      context_length <= 0, empty corpus, folder holding another model's cache, shard files
+      that are not committed and not provably leftovers, committed shards failing
+      verification, …); FileNotFoundError for an unknown model path or name, or missing
+      text path; :class:`CacheLockedError` while another writer holds ``cache.lock``.
     """
+    for flag, v in (("resume", resume), ("overwrite", overwrite),
+                    ("recache_corrupt", recache_corrupt)):
+        if not isinstance(v, (bool, np.bool_)):
+            raise TypeError(f"{flag}={v!r}: expected a bool")
+    if verify not in ("full", "size"):
+        raise ValueError(f"verify={verify!r}: expected 'full' or 'size'")
     layers, torch_device = _check_args(out_dir, layers, context_length, batch_size, dtype,
                                        device, tokens_per_shard, max_texts, max_tokens)
     source = as_text_source(texts)
@@ -504,21 +786,57 @@ def cache_activations(
         "source": {"description": source.description},
     }
     out = Path(out_dir)
-    old = _existing_cache_check(out, identity, resume)
-    if old is not None:
-        manifest = verify_cache(out, "size")
-    else:
-        manifest = {"format": FORMAT, **identity,
-                    "n_layers": n_layers, "complete": False, "n_tokens": 0, "shards": [],
-                    "layer_semantics": "output of block l (0-based) = hidden_states[l+1], "
-                                       "pre-final-norm at the last block",
-                    "storage_dtype": str(STORAGE_DTYPES[dtype]), "runs": []}
-        manifest["source"] = {"description": source.description, "texts_consumed": 0,
-                              "text_chain": CHAIN_START}
-    # Skip (and re-hash) the texts that committed shards consumed.
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out_dir={str(out)!r}: exists and is not a folder")
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    lock = _CacheLock(out)
+    try:
+        lock.acquire()  # before reading the folder: one writer at a time
+        return _cache_locked(
+            out, identity, n_layers, resume=resume, overwrite=overwrite, verify=verify,
+            recache_corrupt=recache_corrupt, source=source, text_iter=text_iter, name=name,
+            revision=revision, trust_remote_code=trust_remote_code, model_dtype=model_dtype,
+            model_kwargs=model_kwargs, torch_device=torch_device, tok=tok,
+            special_ids=special_ids, max_texts=max_texts, max_tokens=max_tokens,
+            progress=progress)
+    finally:  # also on exceptions and KeyboardInterrupt
+        lock.release()
+        if created and not any(out.iterdir()):
+            with contextlib.suppress(OSError):
+                out.rmdir()  # a failed fresh run leaves no empty folder behind
+
+
+def _cache_locked(out: Path, identity: dict, n_layers: int, *, resume, overwrite, verify,
+                  recache_corrupt, source, text_iter, name, revision, trust_remote_code,
+                  model_dtype, model_kwargs, torch_device, tok, special_ids, max_texts,
+                  max_tokens, progress) -> dict:
+    """The part of :func:`cache_activations` that runs while ``cache.lock`` is held."""
+    layers, dtype = identity["layers"], identity["dtype"]
+    context_length, batch_size = identity["context_length"], identity["batch_size"]
+    tokens_per_shard = identity["tokens_per_shard"]
+    manifest, delete, bad, info = _plan_existing(out, identity, n_layers, resume, overwrite,
+                                                 verify)
+    if bad and not recache_corrupt:
+        detail = "; ".join(msg for _, msg in bad[:3])
+        raise ValueError(
+            f"out_dir={str(out)!r}: {len(bad)} committed shard(s) fail verification "
+            f"(verify={verify!r}): {detail}; expected intact shard files. Pass "
+            f"recache_corrupt=True to re-cache those shards from the same texts, or "
+            f"overwrite=True to delete the cache and start over"
+        )
+    if manifest is None:
+        manifest = _new_manifest(identity, n_layers)
+    # Skip (and re-hash) the texts that committed shards consumed; keep those of shards to
+    # re-cache.
     consumed = manifest["source"]["texts_consumed"]
+    redo = {s["index"]: (s["first_text"], s["first_text"] + s["n_texts"]) for s, _ in bad}
+    redo_texts: dict[int, list[str]] = {i: [] for i in redo}
     chain = CHAIN_START
-    for t in itertools.islice(text_iter, consumed):
+    for k, t in enumerate(itertools.islice(text_iter, consumed)):
+        for i, (lo, hi) in redo.items():
+            if lo <= k < hi:
+                redo_texts[i].append(t)
         chain = chain_hash(chain, t)
     if chain != manifest["source"]["text_chain"]:
         raise ValueError(
@@ -528,8 +846,7 @@ def cache_activations(
         )
 
     # ------------------------------------------------------------------ heavy set-up
-    out.mkdir(parents=True, exist_ok=True)
-    _remove_uncommitted(out, old)
+    _delete(out, delete)
     import torch
     from transformers import AutoModel
 
@@ -545,9 +862,79 @@ def cache_activations(
     tok.padding_side = "right"
     special_t = torch.tensor(special_ids, dtype=torch.long, device=torch_device)
     manifest["versions"] = _versions()
-    manifest["runs"].append({"started": _dt.datetime.now(_dt.timezone.utc).isoformat(),
-                             "start_text": consumed, "start_shard": len(manifest["shards"])})
+    run = {"started": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+           "start_text": consumed, "start_shard": len(manifest["shards"])}
+    if info.get("rebuilt"):
+        run["rebuilt_manifest_from_sidecars"] = info["adopted"]
+    elif info.get("adopted"):
+        run["adopted_shards_from_sidecars"] = info["adopted"]
+    manifest["runs"].append(run)
 
+    capture = _Capture(net, blocks, layers)
+
+    def encode(batch: list, text_idx: int, buf: _ShardBuffer) -> int:
+        """Run one batch and add its rows to ``buf``; returns the rows added."""
+        for j, t in enumerate(batch):
+            if not isinstance(t, str):
+                raise TypeError(f"texts: element {text_idx + j} is "
+                                f"{type(t).__name__}, expected str")
+        enc = tok(batch, truncation=True, max_length=context_length, padding=True,
+                  return_tensors="pt")
+        ids = enc["input_ids"].to(torch_device)
+        att = enc["attention_mask"].to(torch_device)
+        hs = capture.run(ids, att)
+        if torch_device.type == "cuda":
+            torch.cuda.synchronize(torch_device)
+        keep = att.bool()
+        if len(special_ids):
+            keep &= ~torch.isin(ids, special_t)
+        b, T = ids.shape
+        pos = torch.arange(T, device=torch_device).expand(b, T)
+        tix = (torch.arange(b, device=torch_device) + text_idx)[:, None].expand(b, T)
+        acts = {l: _to_storage(hs[l][keep], dtype) for l in layers}
+        buf.add(acts, ids[keep].cpu().numpy(), pos[keep].cpu().numpy(),
+                tix[keep].cpu().numpy(), len(batch))
+        return int(keep.sum())
+
+    try:
+        with torch.inference_mode():
+            if redo:  # re-cache corrupted shards from their own texts, same batches
+                for i in sorted(redo):
+                    _recache_shard(out, manifest, i, redo_texts[i], batch_size, layers, encode)
+                manifest["runs"][-1]["recached_shards"] = sorted(redo)
+            write_manifest(out, manifest)  # a cache has a manifest before its first shard
+            return _cache_loop(out, manifest, text_iter, encode, source=source, name=name,
+                               consumed=consumed, chain=chain, layers=layers,
+                               batch_size=batch_size, tokens_per_shard=tokens_per_shard,
+                               max_texts=max_texts, max_tokens=max_tokens, progress=progress)
+    finally:
+        capture.close()
+
+
+def _recache_shard(out: Path, manifest: dict, index: int, texts: list, batch_size: int,
+                   layers, encode) -> None:
+    """Rewrite shard ``index`` from its texts (its own batches), update its manifest entry
+    and sidecar, and commit."""
+    entry = manifest["shards"][index]
+    buf = _ShardBuffer(layers)
+    first = entry["first_text"]
+    for j in range(0, len(texts), batch_size):
+        encode(texts[j:j + batch_size], first + j, buf)
+    if buf.n_tokens != entry["n_tokens"] or buf.n_texts != entry["n_texts"]:
+        raise ValueError(
+            f"shard {index}: re-cached {buf.n_tokens} rows from {buf.n_texts} texts, the "
+            f"manifest says {entry['n_tokens']} from {entry['n_texts']}; cannot repair it "
+            f"(pass overwrite=True to start over)"
+        )
+    prev = manifest["shards"][index - 1]["text_chain"] if index else CHAIN_START
+    manifest["shards"][index] = _write_shard(out, manifest, buf, index, first, prev,
+                                             entry["text_chain"])
+    write_manifest(out, manifest)
+
+
+def _cache_loop(out: Path, manifest: dict, text_iter, encode, *, source, name, consumed, chain,
+                layers, batch_size, tokens_per_shard, max_texts, max_tokens, progress) -> dict:
+    """Cache the remaining texts, committing a shard every ``tokens_per_shard`` rows."""
     limit_texts = None if max_texts is None else max(0, max_texts - consumed)
     if limit_texts is not None:
         text_iter = itertools.islice(text_iter, limit_texts)
@@ -557,52 +944,30 @@ def cache_activations(
 
     bar = tqdm(total=total, initial=consumed, unit="text", disable=not progress,
                desc=f"caching {Path(name).name}", dynamic_ncols=True)
-    capture = _Capture(net, blocks, layers)
     buf = _ShardBuffer(layers)
     t0, run_tokens, t_forward = time.perf_counter(), 0, 0.0
     text_idx = consumed
     exhausted = False
     try:
-        with torch.inference_mode():
-            while True:
-                if max_tokens is not None and manifest["n_tokens"] + buf.n_tokens >= max_tokens:
-                    break
-                batch = list(itertools.islice(text_iter, batch_size))
-                if not batch:
-                    exhausted = limit_texts is None or text_idx - consumed < limit_texts
-                    break
-                for j, t in enumerate(batch):
-                    if not isinstance(t, str):
-                        raise TypeError(f"texts: element {text_idx + j} is "
-                                        f"{type(t).__name__}, expected str")
-                tf = time.perf_counter()
-                enc = tok(batch, truncation=True, max_length=context_length, padding=True,
-                          return_tensors="pt")
-                ids = enc["input_ids"].to(torch_device)
-                att = enc["attention_mask"].to(torch_device)
-                hs = capture.run(ids, att)
-                if torch_device.type == "cuda":
-                    torch.cuda.synchronize(torch_device)
-                t_forward += time.perf_counter() - tf
-                keep = att.bool()
-                if len(special_ids):
-                    keep &= ~torch.isin(ids, special_t)
-                b, T = ids.shape
-                pos = torch.arange(T, device=torch_device).expand(b, T)
-                tix = (torch.arange(b, device=torch_device) + text_idx)[:, None].expand(b, T)
-                acts = {l: _to_storage(hs[l][keep], dtype) for l in layers}
-                buf.add(acts, ids[keep].cpu().numpy(), pos[keep].cpu().numpy(),
-                        tix[keep].cpu().numpy(), len(batch))
-                for t in batch:
-                    chain = chain_hash(chain, t)
-                text_idx += len(batch)
-                n_new = int(keep.sum())
-                run_tokens += n_new
-                bar.update(len(batch))
-                bar.set_postfix(tok_s=f"{run_tokens / max(time.perf_counter() - t0, 1e-9):.0f}",
-                                tokens=manifest["n_tokens"] + buf.n_tokens, refresh=False)
-                if buf.n_tokens >= tokens_per_shard:
-                    _commit_shard(out, manifest, buf, chain)
+        while True:
+            if max_tokens is not None and manifest["n_tokens"] + buf.n_tokens >= max_tokens:
+                break
+            batch = list(itertools.islice(text_iter, batch_size))
+            if not batch:
+                exhausted = limit_texts is None or text_idx - consumed < limit_texts
+                break
+            tf = time.perf_counter()
+            n_new = encode(batch, text_idx, buf)
+            t_forward += time.perf_counter() - tf
+            for t in batch:
+                chain = chain_hash(chain, t)
+            text_idx += len(batch)
+            run_tokens += n_new
+            bar.update(len(batch))
+            bar.set_postfix(tok_s=f"{run_tokens / max(time.perf_counter() - t0, 1e-9):.0f}",
+                            tokens=manifest["n_tokens"] + buf.n_tokens, refresh=False)
+            if buf.n_tokens >= tokens_per_shard:
+                _commit_shard(out, manifest, buf, chain)
         if buf.n_texts:
             _commit_shard(out, manifest, buf, chain)
         manifest["complete"] = bool(exhausted)
@@ -612,6 +977,5 @@ def cache_activations(
             forward_seconds=round(t_forward, 4))  # tokenise + model forward only
         write_manifest(out, manifest)
     finally:
-        capture.close()
         bar.close()
     return manifest

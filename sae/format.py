@@ -7,11 +7,18 @@ Layout of a cache folder ``out_dir``::
     shard_000000.token_ids.npy         # (n_tokens_0,) int32 token id of each row
     shard_000000.positions.npy         # (n_tokens_0,) int32 position in its sequence
     shard_000000.text_index.npy        # (n_tokens_0,) int64 index of its text in the source
+    shard_000000.json                  # the shard's own record (sidecar, see below)
     shard_000001....
 
 Every file is plain ``.npy`` (memory-mappable with ``np.load(mmap_mode="r")``), written by
 :mod:`sae._atomic` (temporary name, fsync, rename, fsync of the folder). A shard exists only
 once ``manifest.json`` lists it with the sha256 and size of each of its files.
+
+Each shard also carries a sidecar ``shard_######.json`` (:func:`write_shard_meta`), written
+atomically after its ``.npy`` files and before the manifest commit: its index, rows, texts
+(first text, hash chain before and after it), the sha256 and size of each file, and the
+identity of the run that wrote it. A lost manifest can be rebuilt from verified sidecars
+(:mod:`sae.cache`); readers use only the manifest.
 ``bfloat16`` activations are stored as their raw 16-bit patterns (``uint16`` on disk, dtype
 ``"bfloat16"`` in the manifest) and viewed as ``ml_dtypes.bfloat16`` on read
 (:func:`view_activations`).
@@ -35,14 +42,22 @@ __all__ = [
     "STORAGE_DTYPES",
     "layer_key",
     "read_manifest",
+    "read_shard_meta",
     "shard_file_name",
+    "shard_meta_name",
     "verify_cache",
+    "verify_shard",
     "view_activations",
     "write_manifest",
+    "write_shard_meta",
 ]
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "sae.activations/1"
+SHARD_META_FORMAT = "sae.activations.shard/1"
+#: fields every shard sidecar holds
+SHARD_META_FIELDS = ("format", "index", "n_tokens", "n_texts", "first_text", "prev_chain",
+                     "text_chain", "files", "identity", "n_layers")
 #: manifest dtype name -> dtype of the activation files on disk
 STORAGE_DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"),
                   "bfloat16": np.dtype("<u2")}
@@ -55,6 +70,45 @@ TOKEN_FIELDS = {"token_ids": np.dtype("<i4"), "positions": np.dtype("<i4"),
 def shard_file_name(index: int, key: str) -> str:
     """File name of one array of shard ``index``; ``key`` is ``layer_###`` or a token field."""
     return f"shard_{index:06d}.{key}.npy"
+
+
+def shard_meta_name(index: int) -> str:
+    """File name of the sidecar of shard ``index``: ``shard_######.json``."""
+    return f"shard_{index:06d}.json"
+
+
+def write_shard_meta(out_dir: str | os.PathLike, meta: dict, *, sync_dir: bool = True) -> dict:
+    """Atomically write the sidecar of shard ``meta["index"]``; returns its
+    ``{"file", "sha256", "bytes"}``."""
+    data = json.dumps(meta, indent=1, sort_keys=True).encode()
+    name = shard_meta_name(meta["index"])
+    atomic_write_bytes(Path(out_dir) / name, data, sync_dir=sync_dir)
+    return {"file": name, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+
+
+def read_shard_meta(path: str | os.PathLike) -> dict:
+    """Load and sanity-check one shard sidecar (``shard_######.json``).
+
+    Raises:
+      ValueError naming the file: unreadable JSON, unknown format, a missing field, or an
+      index that does not match the file name.
+    """
+    p = Path(path)
+    try:
+        meta = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"shard sidecar {p.name}: unreadable: {e}") from e
+    if not isinstance(meta, dict) or meta.get("format") != SHARD_META_FORMAT:
+        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise ValueError(f"shard sidecar {p.name}: format {got!r}, expected "
+                         f"{SHARD_META_FORMAT!r}")
+    missing = [k for k in SHARD_META_FIELDS if k not in meta]
+    if missing:
+        raise ValueError(f"shard sidecar {p.name}: lacks the fields {missing}")
+    if not isinstance(meta["index"], int) or shard_meta_name(meta["index"]) != p.name:
+        raise ValueError(f"shard sidecar {p.name}: index {meta['index']!r} does not match "
+                         f"its file name")
+    return meta
 
 
 def layer_key(layer: int) -> str:
@@ -151,15 +205,28 @@ def verify_cache(path: str | os.PathLike, verify: str = "full") -> dict:
         return manifest
     root = Path(path)
     for shard in manifest["shards"]:
-        expected = expected_arrays(manifest, shard)
-        if set(shard["files"]) != set(expected):
-            raise ValueError(
-                f"shard {shard['index']}: manifest lists files {sorted(shard['files'])}, "
-                f"expected {sorted(expected)}"
-            )
-        for key, (shape, dtype) in expected.items():
-            _verify_file(root, shard["index"], shard["files"][key], shape, dtype, verify)
+        verify_shard(root, manifest, shard, verify)
     return manifest
+
+
+def verify_shard(root: str | os.PathLike, manifest: dict, shard: dict,
+                 verify: str = "full") -> None:
+    """Check the files of one shard entry (``{"index", "n_tokens", "files"}``) against
+    ``manifest`` (``layers``, ``d_model``, ``dtype``): present, right size and ``.npy``
+    header, and with ``verify="full"`` the sha256. Raises as :func:`verify_cache`, naming
+    the shard and the file."""
+    if verify not in VERIFY_LEVELS:
+        raise ValueError(f"verify={verify!r}: expected one of {VERIFY_LEVELS}")
+    if verify == "none":
+        return
+    expected = expected_arrays(manifest, shard)
+    if set(shard["files"]) != set(expected):
+        raise ValueError(
+            f"shard {shard['index']}: manifest lists files {sorted(shard['files'])}, "
+            f"expected {sorted(expected)}"
+        )
+    for key, (shape, dtype) in expected.items():
+        _verify_file(Path(root), shard["index"], shard["files"][key], shape, dtype, verify)
 
 
 def _verify_file(root: Path, index: int, info: dict, shape: tuple, dtype: np.dtype,

@@ -80,6 +80,8 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
     ti = np.concatenate([np.load(cut_dir / s["files"]["text_index"]["file"])
                          for s in b["shards"]])
     assert (np.diff(ti) >= 0).all() and set(ti.tolist()) == set(range(N_TEXTS))
-    # no stray temporary or uncommitted files are left
+    # no stray temporary or uncommitted files (nor the lock) are left: the listed files, one
+    # sidecar per shard and the manifest
     listed = {f["file"] for s in b["shards"] for f in s["files"].values()} | {"manifest.json"}
+    listed |= {f"shard_{s['index']:06d}.json" for s in b["shards"]}
     assert {p.name for p in cut_dir.iterdir()} == listed

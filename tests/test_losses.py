@@ -1,3 +1,4 @@
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,17 +28,33 @@ def test_l1_subgradient_equals_jax_grad(kind, seed, x64):
     np.testing.assert_allclose(D, g, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("kind", ["gaussian", "rank_one", "entry"])
-def test_l2_gradient_equals_jax_grad(kind, x64):
-    op, U, y = _setup(kind, 3)
-    f, D = losses.subgradient("l2", op, U, y)
-    g = jax.grad(lambda U: losses.l2_loss(op, U, y))(U)
-    np.testing.assert_allclose(D, g, rtol=1e-10, atol=1e-10)
-    # and the paper's explicit form (2/m) Σ r_i (A_i + A_iᵀ) U
-    A = jax.vmap(op.adjoint)(jnp.eye(op.m, dtype=jnp.float64))
-    r = losses.residual(op, U, y)
-    explicit = (2 / op.m) * jnp.einsum("m,mij,jk->ik", r, A + jnp.swapaxes(A, 1, 2), U)
-    np.testing.assert_allclose(D, explicit, rtol=1e-10, atol=1e-10)
+class TestGradientsJitAndEager(chex.TestCase):
+    """Loss (sub)gradients vs jax.grad, each asserted under jax.jit and eagerly."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_l2_gradient_equals_jax_grad(self):
+        with jax.enable_x64(True):
+            for kind in ("gaussian", "rank_one", "entry"):
+                op, U, y = _setup(kind, 3)
+                f, D = self.variant(lambda U: losses.subgradient("l2", op, U, y))(U)
+                g = self.variant(jax.grad(lambda U: losses.l2_loss(op, U, y)))(U)
+                chex.assert_trees_all_close(D, g, rtol=1e-10, atol=1e-10)
+                # and the paper's explicit form (2/m) Σ r_i (A_i + A_iᵀ) U
+                A = jax.vmap(op.adjoint)(jnp.eye(op.m, dtype=jnp.float64))
+                r = losses.residual(op, U, y)
+                explicit = (2 / op.m) * jnp.einsum("m,mij,jk->ik", r,
+                                                   A + jnp.swapaxes(A, 1, 2), U)
+                chex.assert_trees_all_close(D, explicit, rtol=1e-10, atol=1e-10)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_expected_loss_subgradient(self):
+        with jax.enable_x64(True):
+            U = jax.random.normal(jax.random.PRNGKey(5), (5, 3), jnp.float64)
+            X = jnp.eye(5, dtype=jnp.float64)
+            f, Q = self.variant(lambda U: losses.loss_and_q("expected_l1", None, U, None, X))(U)
+            g = self.variant(jax.grad(lambda U: losses.expected_l1_loss(U, X)))(U)
+            chex.assert_trees_all_close(losses.direction(Q, U), g, rtol=1e-10, atol=0)
+            chex.assert_trees_all_close(f, jnp.linalg.norm(U @ U.T - X), rtol=1e-10, atol=0)
 
 
 def test_sign_zero_is_zero(x64):
@@ -47,16 +64,6 @@ def test_sign_zero_is_zero(x64):
     _, Q = losses.loss_and_q("l1", op, U, y)
     A = op.A.reshape(op.m, op.d, op.d)
     np.testing.assert_allclose(Q, -jnp.sum(A[:10], 0) / op.m, atol=1e-12)
-
-
-def test_expected_loss_subgradient(x64):
-    k = jax.random.PRNGKey(5)
-    U = jax.random.normal(k, (5, 3), jnp.float64)
-    X = jnp.eye(5, dtype=jnp.float64)
-    f, Q = losses.loss_and_q("expected_l1", None, U, None, X)
-    g = jax.grad(lambda U: losses.expected_l1_loss(U, X))(U)
-    np.testing.assert_allclose(losses.direction(Q, U), g, rtol=1e-10)
-    np.testing.assert_allclose(f, jnp.linalg.norm(U @ U.T - X))
 
 
 def test_expected_l1_matches_empirical_mean(x64):

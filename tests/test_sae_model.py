@@ -1,5 +1,6 @@
 """sae.model: straight-through pseudo-derivatives against hand-derived values, pure
 functions vs module methods, TopK, and bad-input errors."""
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,29 +16,61 @@ EPS = 0.1
 G = jnp.array([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])  # upstream cotangent
 
 
-def test_jumprelu_forward_and_pseudo_derivatives_match_hand_values():
-    out = jumprelu(Z, THETA, EPS)
-    # z·H(z−θ) with strict inequality: z = θ = 1.0 does not fire
-    np.testing.assert_allclose(out, [0.0, 0.0, 1.04, 0.0, 2.0, 1.06], rtol=1e-6)
-    gz, gt = jax.grad(lambda z, t: jnp.sum(G * jumprelu(z, t, EPS)), argnums=(0, 1))(Z, THETA)
-    # ∂/∂z = H(z − θ) · g
-    np.testing.assert_allclose(gz, [0, 0, 3.0, 0, 5.0, 6.0], rtol=1e-6)
-    # ∂/∂θ = −(θ/ε) K((z−θ)/ε) · g;  K = 1 at u ∈ {0, 0.4, −0.4}, 0 at −5, 10, 0.6
-    np.testing.assert_allclose(gt, [0, -10 * 2.0, -10 * 3.0, -10 * 4.0, 0, 0], rtol=1e-5)
+def _ramp(z, t, eps):
+    """Smooth(er) surrogate of H(z − θ): the ramp clip((z − θ)/ε + ½, 0, 1), whose θ-slope is
+    exactly −(1/ε) K((z − θ)/ε) for the rectangle kernel K (away from |u| = ½)."""
+    return jnp.clip((z - t) / eps + 0.5, 0.0, 1.0)
 
 
-def test_step_pseudo_derivatives_match_hand_values():
-    np.testing.assert_allclose(step(Z, THETA, EPS), [0, 0, 1, 0, 1, 1])
-    gz, gt = jax.grad(lambda z, t: jnp.sum(G * step(z, t, EPS)), argnums=(0, 1))(Z, THETA)
-    np.testing.assert_allclose(gz, np.zeros(6))
-    # ∂/∂θ = −(1/ε) K((z−θ)/ε) · g ; here θ = 2 for one entry to see that θ does not scale it
-    np.testing.assert_allclose(gt, [0, -20.0, -30.0, -40.0, 0, 0], rtol=1e-5)
-    t2 = THETA.at[1].set(2.0)
-    z2 = Z.at[1].set(2.0)
-    gt2 = jax.grad(lambda t: jnp.sum(G * step(z2, t, EPS)))(t2)
-    np.testing.assert_allclose(gt2[1], -20.0, rtol=1e-5)
-    gt3 = jax.grad(lambda t: jnp.sum(G * jumprelu(z2, t, EPS)))(t2)
-    np.testing.assert_allclose(gt3[1], -(2.0 / EPS) * 2.0, rtol=1e-5)
+class TestPseudoDerivatives(chex.TestCase):
+    """Each property asserted both under jax.jit and eagerly (chex.variants)."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_jumprelu_forward_and_pseudo_derivatives_match_hand_values(self):
+        out = self.variant(jumprelu)(Z, THETA, EPS)
+        # z·H(z−θ) with strict inequality: z = θ = 1.0 does not fire
+        np.testing.assert_allclose(out, [0.0, 0.0, 1.04, 0.0, 2.0, 1.06], rtol=1e-6)
+        grad = self.variant(jax.grad(lambda z, t: jnp.sum(G * jumprelu(z, t, EPS)),
+                                     argnums=(0, 1)))
+        gz, gt = grad(Z, THETA)
+        # ∂/∂z = H(z − θ) · g
+        np.testing.assert_allclose(gz, [0, 0, 3.0, 0, 5.0, 6.0], rtol=1e-6)
+        # ∂/∂θ = −(θ/ε) K((z−θ)/ε) · g;  K = 1 at u ∈ {0, 0.4, −0.4}, 0 at −5, 10, 0.6
+        np.testing.assert_allclose(gt, [0, -10 * 2.0, -10 * 3.0, -10 * 4.0, 0, 0], rtol=1e-5)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_step_pseudo_derivatives_match_hand_values(self):
+        np.testing.assert_allclose(self.variant(step)(Z, THETA, EPS), [0, 0, 1, 0, 1, 1])
+        grad = self.variant(jax.grad(lambda z, t: jnp.sum(G * step(z, t, EPS)),
+                                     argnums=(0, 1)))
+        gz, gt = grad(Z, THETA)
+        np.testing.assert_allclose(gz, np.zeros(6))
+        # ∂/∂θ = −(1/ε) K((z−θ)/ε) · g ; here θ = 2 for one entry: θ does not scale it
+        np.testing.assert_allclose(gt, [0, -20.0, -30.0, -40.0, 0, 0], rtol=1e-5)
+        t2 = THETA.at[1].set(2.0)
+        z2 = Z.at[1].set(2.0)
+        gt2 = self.variant(jax.grad(lambda t: jnp.sum(G * step(z2, t, EPS))))(t2)
+        np.testing.assert_allclose(gt2[1], -20.0, rtol=1e-5)
+        gt3 = self.variant(jax.grad(lambda t: jnp.sum(G * jumprelu(z2, t, EPS))))(t2)
+        np.testing.assert_allclose(gt3[1], -(2.0 / EPS) * 2.0, rtol=1e-5)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_theta_pseudo_derivatives_equal_grad_of_ramp_surrogate(self):
+        """At random points (none on a kernel edge) the θ pseudo-derivatives equal jax.grad
+        of the ramp surrogate: step ↔ ramp, JumpReLU ↔ stop_gradient(θ)·ramp."""
+        kz, kt, kg = jax.random.split(jax.random.key(7), 3)
+        t = jax.random.uniform(kt, (64,), minval=0.5, maxval=1.5)
+        z = t + jax.random.uniform(kz, (64,), minval=-2.0, maxval=2.0) * EPS
+        g = jax.random.normal(kg, (64,))
+        assert float(jnp.min(jnp.abs(jnp.abs((z - t) / EPS) - 0.5))) > 1e-3
+        pseudo = self.variant(jax.jacrev(
+            lambda t: jnp.stack([jnp.sum(g * step(z, t, EPS)),
+                                 jnp.sum(g * jumprelu(z, t, EPS))])))(t)
+        smooth = self.variant(jax.jacrev(
+            lambda t: jnp.stack([jnp.sum(g * _ramp(z, t, EPS)),
+                                 jnp.sum(g * jax.lax.stop_gradient(t) * _ramp(z, t, EPS))])))(t)
+        assert float(jnp.abs(pseudo).max()) > 1.0  # some points lie inside the kernel
+        chex.assert_trees_all_close(pseudo, smooth, rtol=1e-5, atol=1e-5)
 
 
 def test_broadcast_theta_gradient_sums_over_batch():

@@ -214,10 +214,11 @@ def _ref_mask(pi, k):
     return ref
 
 
-@settings(max_examples=60, deadline=None)
-@given(data=st.data(), k=st.sampled_from([1, 2, 3, 8, 9, 12]), M=st.integers(12, 24),
-       rows=st.integers(1, 4))
+@settings(max_examples=40, deadline=None)
+@given(data=st.data(), k=st.sampled_from([1, 2, 3, 8, 9, 12]), M=st.sampled_from([12, 20]),
+       rows=st.just(4))
 def test_topk_mask_exactly_k_under_ties(data, k, M, rows):
+    # few shapes (one compilation each), many value patterns
     # few distinct values → many ties, including at the k-th value
     vals = data.draw(st.lists(st.sampled_from([-1.0, 0.0, 1.0, 3.0]), min_size=rows * M,
                               max_size=rows * M))

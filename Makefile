@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo bench lint clean
+.PHONY: setup test demo bench lint clean notebooks
 
 setup: $(STAMP)
 
@@ -27,6 +27,10 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m experiments.benchmarks.all
+
+# execute every notebook at full (CPU-feasible) size; executed copies in results/notebooks/
+notebooks: $(STAMP)
+	$(BIN)/python notebooks/execute.py --out results/notebooks
 
 lint: $(STAMP)
 	$(BIN)/ruff check jaxsense sae experiments tests

@@ -2,7 +2,8 @@
 
 Embedded all-MiniLM-L6-v2, one layer (3), ~3k tokens of the offline default corpus,
 4× over-complete SAEs (width 1536), a vmapped sweep of 2 λ values × 3 unit variants
-(features, atoms_whitened, atoms_tied), 300 steps each; then the units table.
+(features, atoms_whitened, atoms_tied), 300 steps each; then the units table, and the
+latents page of the selected features SAE (``latents/latents.html``, by ``sae.inspect``).
 Measured: 35 s (λ 0.3, 1) on a quiet 2-core CPU, 177 s under load 8; 500 steps took 241 s
 under load 4.5, hence 300.
 
@@ -38,6 +39,19 @@ def run_demo(out_dir: str) -> dict:
                   for n, r in L["rows"].items()},
         "seconds": time.perf_counter() - t0, "out_dir": out_dir,
     }
+    # browsable latents of the selected features SAE: density histogram, top activations
+    # with context, one static HTML page (sae.inspect)
+    import os
+
+    import numpy as np
+
+    from sae.inspect import inspect_latents
+
+    params = dict(np.load(os.path.join(out_dir, f"sae_features_layer{L['layer']}.npz")))
+    doc = inspect_latents(params, os.path.join(out_dir, "cache"), L["layer"],
+                          os.path.join(out_dir, "latents"), n_latents=20, top_k=10,
+                          sae_name=f"features SAE, MiniLM layer {L['layer']}", progress=False)
+    summary["latents_html"] = doc["files"]["html"]
     return summary
 
 

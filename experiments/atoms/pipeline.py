@@ -143,7 +143,8 @@ def analyze_layer(x: np.ndarray, cfg: AtomsConfig, layer: int, log=print,
                   save_dir: str | None = None) -> dict:
     """Train all unit variants on one layer's activations and compute the table rows.
     With ``save_dir``: the selected unit of each variant is saved as
-    ``units_layer{L}.npz`` (D_<variant> (H,N), b_dec_<variant>, and the AIP's S)."""
+    ``units_layer{L}.npz`` (D_<variant> (H,N), b_dec_<variant>, and the AIP's S), and the
+    selected features SAE's params as ``sae_features_layer{L}.npz``."""
     from sae.model import encode
 
     n = x.shape[0]
@@ -228,6 +229,11 @@ def analyze_layer(x: np.ndarray, cfg: AtomsConfig, layer: int, log=print,
                 arrs["D_" + name] = np.asarray(u["D"], np.float32)
                 arrs["b_dec_" + name] = np.asarray(u["b_dec"], np.float32)
         atomic_savez(os.path.join(save_dir, f"units_layer{layer}.npz"), **arrs)
+        # the selected Euclidean SAE itself (sae.train params: encode with b_dec subtracted),
+        # for sae.inspect and the splice evaluation
+        atomic_savez(os.path.join(save_dir, f"sae_features_layer{layer}.npz"),
+                     **{k: np.asarray(v, np.float32) for k, v in res_f.sae_params(
+                         out["sweeps"]["features"]["selected"]).items()})
     ks = jax.random.split(key, len(units) + 1)
     for (name, u), k in zip(units.items(), ks[1:]):
         out["rows"][name] = at.unit_metrics(

@@ -83,7 +83,7 @@ from IPython.display import HTML, display
 from experiments.atoms import pipeline as pl
 from sae import atoms as at
 
-cfg = pl.AtomsConfig(layers=(LAYER,), progress=True, **SIZE)
+cfg = pl.AtomsConfig(model="minilm", layers=(LAYER,), progress=True, **SIZE)
 WORK = Path(tempfile.mkdtemp(prefix="atoms_"))
 print(cfg)
 

@@ -39,6 +39,7 @@ class AtomsConfig:
 
     model: str | None = None
     layers: tuple | None = None  # None: every layer
+    analyze_layers: tuple | None = None  # None: every cached layer; else a subset of them
     texts: object = None  # None: sae.corpus default (offline stdlib docstrings)
     max_tokens: int = 20_000
     context_length: int = 128
@@ -373,6 +374,12 @@ def run_pipeline(cfg: AtomsConfig, out_dir: str, cache_dir: str | None = None,
     res = {"model": cfg.model or EMBEDDED, "command": command,
            "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "texts"},
            "seconds_cache": t_cache, "layers": []}
+    if cfg.analyze_layers is not None:
+        missing = sorted(set(cfg.analyze_layers) - set(layers))
+        if missing:
+            raise ValueError(f"analyze_layers={cfg.analyze_layers}: layers {missing} are not "
+                             f"among the cached layers {layers}")
+        layers = [l for l in layers if l in cfg.analyze_layers]
     for layer in layers:
         x = layer_data(cache_dir, layer, cfg.max_tokens)
         res["layers"].append(analyze_layer(x, cfg, layer, log=log, save_dir=out_dir))

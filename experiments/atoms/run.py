@@ -37,6 +37,9 @@ def main(argv=None):
                          "or 'minilm' (all-MiniLM-L6-v2), or an HF name / local folder")
     ap.add_argument("--layers", type=cli.nonneg_ints, default=None,
                     help="comma list (default: every layer)")
+    ap.add_argument("--analyze-layers", type=cli.nonneg_ints, default=None,
+                    help="comma list: analyse only these of the cached --layers (several "
+                         "processes can share one cache this way)")
     ap.add_argument("--texts", default=None, help="corpus: path, hf:<dataset>, default offline")
     ap.add_argument("--max-tokens", type=cli.pos_int, default=12_000)
     ap.add_argument("--context-length", type=cli.pos_int, default=128)
@@ -63,6 +66,7 @@ def main(argv=None):
         a.model = models.local_path(a.model, progress=True)
     cfg = AtomsConfig(
         model=a.model, layers=None if a.layers is None else tuple(a.layers),
+        analyze_layers=None if a.analyze_layers is None else tuple(a.analyze_layers),
         texts=a.texts, max_tokens=a.max_tokens, context_length=a.context_length,
         cache_dtype=a.cache_dtype, device=a.device, width_mult=a.width_mult, recipe=a.recipe,
         lams=a.lams, steps=a.steps, batch_size=a.batch_size, tied=not a.no_tied, ridge=a.ridge,

@@ -36,6 +36,7 @@ How it is computed
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import numbers
 from typing import NamedTuple
@@ -173,6 +174,34 @@ def _pad(x, n_pad):
     return np.concatenate([x, np.repeat(x[-1:], n_pad, axis=0)], axis=0)
 
 
+@functools.lru_cache(maxsize=32)
+def _instance_setup(operator, m, d, r, spectrum, kappa, outlier_distribution, init, r_max,
+                    share_operator, dtype_name):
+    """The jitted, vmapped per-instance set-up (problem + initial U) for these static
+    settings — cached, so repeated sweeps with the same settings compile it once."""
+    dtype = jnp.dtype(dtype_name)
+
+    def make_instance(shared, k_inst, seed, p, scale, nu, alpha, r_search):
+        # the shared operator is an ARGUMENT (not a closure): a captured array would be
+        # embedded in the program as a constant (slow to compile at d = 100, m = 4000)
+        ik = jax.random.fold_in(k_inst, seed)
+        k_prob, k_init, k_op_i = jax.random.split(ik, 3)
+        op = shared if share_operator else make_operator(operator, k_op_i, m, d, dtype)
+        prob = make_problem(k_prob, d, r, m, spectrum=spectrum, kappa=kappa, p=p,
+                            outlier_distribution=outlier_distribution, outlier_scale=scale,
+                            nu=nu, dtype=dtype, op=op)
+        if init == "spectral":
+            U0 = spectral_sign_init(prob.op, prob.y, r_max, alpha)
+        else:
+            U0 = small_random_init(k_init, d, r_max, alpha, dtype)
+        U0 = jnp.where(jnp.arange(r_max) < r_search, U0, 0.0)
+        # return the operator only when it is per-instance: a shared one would be broadcast
+        # to (B, m, d²) by vmap's outputs (82 GB at d = 100, m = 4000, B = 256)
+        return (None if share_operator else prob.op), prob.y, prob.truth, U0
+
+    return jax.jit(jax.vmap(make_instance, in_axes=(None, None) + (0,) * 6))
+
+
 def sweep(grid: dict, *, key=None, d: int = 20, r: int = 3, m: int = 500,
           spectrum=(10.0, 5.0, 1.0), kappa=None, operator: str = "gaussian",
           outlier_distribution: str = "gaussian", method: str = "subgm",
@@ -247,27 +276,11 @@ def sweep(grid: dict, *, key=None, d: int = 20, r: int = 3, m: int = 500,
     if shared_op is not None:
         shared_op = jax.device_put(shared_op, repl)
 
-    def make_instance(shared, k_inst, seed, p, scale, nu, alpha, r_search):
-        # the shared operator is an ARGUMENT (not a closure): a captured array would be
-        # embedded in the program as a constant (slow to compile at d = 100, m = 4000)
-        ik = jax.random.fold_in(k_inst, seed)
-        k_prob, k_init, k_op_i = jax.random.split(ik, 3)
-        op = shared if share_operator else make_operator(operator, k_op_i, m, d, dtype)
-        prob = make_problem(k_prob, d, r, m, spectrum=spectrum, kappa=kappa, p=p,
-                            outlier_distribution=outlier_distribution, outlier_scale=scale,
-                            nu=nu, dtype=dtype, op=op)
-        if init == "spectral":
-            U0 = spectral_sign_init(prob.op, prob.y, r_max, alpha)
-        else:
-            U0 = small_random_init(k_init, d, r_max, alpha, dtype)
-        U0 = jnp.where(jnp.arange(r_max) < r_search, U0, 0.0)
-        # return the operator only when it is per-instance: a shared one would be broadcast
-        # to (B, m, d²) by vmap's outputs (82 GB at d = 100, m = 4000, B = 256)
-        return (None if share_operator else prob.op), prob.y, prob.truth, U0
-
-    ops, y, truth, U0 = jax.jit(jax.vmap(make_instance, in_axes=(None, None) + (0,) * 6))(
-        shared_op, k_inst, dev["seed"], dev["p"], dev["outlier_scale"], dev["nu"], dev["alpha"],
-        dev["r_search"])
+    setup = _instance_setup(operator, m, d, r, tuple(float(v) for v in spectrum), kappa,
+                            outlier_distribution, init, r_max, share_operator,
+                            np.dtype(dtype).name)
+    ops, y, truth, U0 = setup(shared_op, k_inst, dev["seed"], dev["p"], dev["outlier_scale"],
+                              dev["nu"], dev["alpha"], dev["r_search"])
     solver = make_solver(StepRule(eta=dev["eta"], rho=dev["rho"], kind=step), loss,
                          power_squarings=power_squarings, power_filter_dtype=power_filter_dtype)
     in_axes = {"solver": 0, "U0": 0, "y": 0, "truth": 0}

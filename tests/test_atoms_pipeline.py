@@ -28,10 +28,10 @@ def test_pipeline_tiny_model_end_to_end(tmp_path):
     from experiments.atoms.pipeline import AtomsConfig, run_pipeline
 
     model = make_tiny_model(str(tmp_path / "llama"), "llama", n_layers=2)
-    cfg = AtomsConfig(model=model, layers=None, texts=list(synthetic_texts(60, seed=1)),
+    cfg = AtomsConfig(model=model, layers=None, texts=list(synthetic_texts(200, seed=1)),
                       max_tokens=1200, context_length=64, width_mult=2, lams=(0.3, 1.0),
                       steps=30, batch_size=64, n_pairs=400, n_bp=16, bp_iter=50,
-                      n_supports=16, max_eval=256)
+                      n_supports=16, max_eval=256, splice_texts=4)
     res = run_pipeline(cfg, str(tmp_path / "out"), log=lambda m: None, command="test")
     assert [L["layer"] for L in res["layers"]] == [0, 1]  # every layer
     for L in res["layers"]:
@@ -47,6 +47,26 @@ def test_pipeline_tiny_model_end_to_end(tmp_path):
             assert (r["q_star"] >= 0.5) == median_ok, r
             assert np.isfinite(r["r2"])
         assert "l1_exact_support" in L["rows"]["atoms_tied"]
+        # spliced-model columns: identity for neurons; the features SAE's CE recovered equals
+        # sae.evals.splice_eval of the saved SAE on the same held-out texts
+        assert L["rows"]["neurons"]["ce_loss_recovered"] == 1.0
+        for n in ("features", "atoms_whitened", "atoms_tied"):
+            assert np.isfinite(L["rows"][n]["ce_loss_recovered"]) and L["rows"][n]["kl_div"] >= 0
+        from sae import evals, models
+
+        m, tok = models.load(model)
+        p = dict(np.load(tmp_path / "out" / f"sae_features_layer{L['layer']}.npz"))
+        texts = list(synthetic_texts(200, seed=1))
+        first = res["layers"][0]["rows"]["features"]["splice_tokens"]
+        assert first > 0
+        import json as _json
+
+        consumed = _json.load(open(tmp_path / "out" / "cache" / "manifest.json"))["source"][
+            "texts_consumed"]
+        direct = evals.splice_eval(m, tok, texts[consumed:consumed + 4], L["layer"], p,
+                                   context_length=64, progress=False)
+        assert L["rows"]["features"]["ce_loss_recovered"] == pytest.approx(
+            direct["ce_loss_recovered"], rel=1e-5, abs=1e-6)
     for f in ("table.md", "table.json", "angles.png", "units_per_layer.png"):
         assert (tmp_path / "out" / f).stat().st_size > 0
     j = json.loads((tmp_path / "out" / "table.json").read_text())

@@ -40,6 +40,9 @@ class AtomsConfig:
     model: str | None = None
     layers: tuple | None = None  # None: every layer
     analyze_layers: tuple | None = None  # None: every cached layer; else a subset of them
+    splice_texts: int = 0  # > 0: splice each selected SAE into the model on this many
+    # held-out texts (after those the cache consumed): CE recovered + KL for a causal LM,
+    # embedding cosine + relative change for an encoder (sae.evals)
     texts: object = None  # None: sae.corpus default (offline stdlib docstrings)
     max_tokens: int = 20_000
     context_length: int = 128
@@ -141,7 +144,7 @@ def _quick(x, u):
 
 
 def analyze_layer(x: np.ndarray, cfg: AtomsConfig, layer: int, log=print,
-                  save_dir: str | None = None) -> dict:
+                  save_dir: str | None = None, splice: dict | None = None) -> dict:
     """Train all unit variants on one layer's activations and compute the table rows.
     With ``save_dir``: the selected unit of each variant is saved as
     ``units_layer{L}.npz`` (D_<variant> (H,N), b_dec_<variant>, and the AIP's S), and the
@@ -180,6 +183,7 @@ def analyze_layer(x: np.ndarray, cfg: AtomsConfig, layer: int, log=print,
         mem.append({"lam": float(cfg.lams[i]), **_quick(x_eval, u)})
     sel = _select(mem, cfg.select_r2)
     out["sweeps"]["features"] = {"members": mem, "selected": sel}
+    chosen = {"features": (res_f.sae_params(sel), False)}
     units["features"] = at.sae_units(res_f.sae_params(sel), x_eval,
                                      lambda p, z: res_f.encode(z, sel))
     W_dec_euclid = res_f.sae_params(sel)["W_dec"]
@@ -195,6 +199,7 @@ def analyze_layer(x: np.ndarray, cfg: AtomsConfig, layer: int, log=print,
         mem.append({"lam": float(cfg.lams[i]), **_quick(x_eval, u)})
     sel = _select(mem, cfg.select_r2)
     out["sweeps"]["atoms_whitened"] = {"members": mem, "selected": sel}
+    chosen["atoms_whitened"] = (res_w.sae_params(sel), True)
     units["atoms_whitened"] = at.sae_units(res_w.sae_params(sel), x_eval,
                                            lambda p, z: res_w.encode(z, sel),
                                            aip=aip, whitened=True)
@@ -211,6 +216,7 @@ def analyze_layer(x: np.ndarray, cfg: AtomsConfig, layer: int, log=print,
         sel = _select(mem, cfg.select_r2)
         out["sweeps"]["atoms_tied"] = {"members": mem, "selected": sel}
         units["atoms_tied"] = us[sel]
+        chosen["atoms_tied"] = (res_t.sae_params(sel), True)
         log(f"[layer {layer}] atoms_tied sweep {[(m['lam'], round(m['r2'], 3), round(m['l0_mean'], 1)) for m in mem]}")
 
     if cfg.gemma_scope and layer in cfg.gemma_scope:
@@ -240,6 +246,8 @@ def analyze_layer(x: np.ndarray, cfg: AtomsConfig, layer: int, log=print,
         out["rows"][name] = at.unit_metrics(
             x_eval, u, aip, key=k, k_quantile=cfg.k_quantile, n_supports=cfg.n_supports,
             n_bp=cfg.n_bp, bp_iter=cfg.bp_iter)
+    if splice is not None:
+        _splice_columns(out["rows"], chosen, aip, layer, splice, log)
     out["representation_shift"] = at.representation_shift(
         x_eval, aip, key=ks[0], n_pairs=cfg.n_pairs, W_dec_euclid=W_dec_euclid)
     out["seconds_train"] = t_train
@@ -248,12 +256,64 @@ def analyze_layer(x: np.ndarray, cfg: AtomsConfig, layer: int, log=print,
 
 
 # ------------------------------------------------------------------------------ outputs
+def splice_context(cfg: AtomsConfig, cache_dir: str) -> dict | None:
+    """Model, tokenizer and ``cfg.splice_texts`` held-out texts (the corpus texts right after
+    those the cache consumed) for the spliced-model columns; None when splice_texts = 0."""
+    if cfg.splice_texts <= 0:
+        return None
+    import itertools
+
+    from sae import models
+    from sae.activations import read_manifest
+    from sae.corpus import as_text_source
+
+    consumed = read_manifest(cache_dir)["source"]["texts_consumed"]
+    texts = list(itertools.islice(as_text_source(cfg.texts), consumed,
+                                  consumed + cfg.splice_texts))
+    if not texts:
+        raise ValueError(f"splice_texts={cfg.splice_texts}: the corpus has no texts after the "
+                         f"{consumed} that the cache consumed")
+    model, tok = models.load(resolve_model(cfg.model))
+    causal = callable(getattr(model, "get_output_embeddings", None)) and \
+        model.get_output_embeddings() is not None
+    return {"model": model, "tok": tok, "texts": texts, "causal": causal,
+            "first_text": consumed, "context_length": cfg.context_length}
+
+
+def _splice_columns(rows: dict, chosen: dict, aip, layer: int, ctx: dict, log) -> None:
+    """Add the spliced-model columns to each SAE unit's row (neurons: the identity, exact
+    by construction). Causal LM: ce_loss_recovered, kl_div (sae.evals.splice_eval_many);
+    encoder: embed_cosine, hidden_rel_change (sae.evals.encoder_splice_eval)."""
+    from sae import evals
+
+    saes = {n: evals.whitened_sae(p, aip) if w else p for n, (p, w) in chosen.items()}
+    kw = dict(context_length=ctx["context_length"], progress=False)
+    if ctx["causal"]:
+        res = evals.splice_eval_many(ctx["model"], ctx["tok"], ctx["texts"], layer, saes, **kw)
+        for n, r in res.items():
+            rows[n].update(ce_loss_recovered=r["ce_loss_recovered"], kl_div=r["kl_spliced"],
+                           splice_tokens=r["n_tokens"])
+        rows["neurons"].update(ce_loss_recovered=1.0, kl_div=0.0)
+    else:
+        for n, sae_ in saes.items():
+            r = evals.encoder_splice_eval(ctx["model"], ctx["tok"], ctx["texts"], layer, sae_,
+                                          **kw)
+            rows[n].update(embed_cosine=r["cosine"], hidden_rel_change=r["rel_change"])
+        rows["neurons"].update(embed_cosine=1.0, hidden_rel_change=0.0)
+    log(f"[layer {layer}] spliced: " + "; ".join(
+        f"{n}: " + ", ".join(f"{k}={rows[n][k]:.3f}" for k in SPLICE_KEYS if k in rows[n])
+        for n in rows))
+
+
+SPLICE_KEYS = ("ce_loss_recovered", "kl_div", "embed_cosine", "hidden_rel_change")
+
 COLS = [("r2", "R²"), ("r2_aip", "R²_S̃"), ("l0_mean", "L0"), ("mu_median", "μ med"),
         ("mu_max", "μ max"), ("K", "K"), ("uniqueness_atoms", "uniq atoms"), ("q_star", "q*"),
         ("uniqueness_samples_support", "uniq smp (supp)"),
         ("uniqueness_samples_atom", "uniq smp (atom)"), ("rip_delta_sampled", "δ_K samp"),
         ("rip_gershgorin_bound", "(K−1)μ"), ("l1_exact_support", "ℓ1 exact supp"),
-        ("l1_jaccard", "ℓ1 Jaccard")]
+        ("l1_jaccard", "ℓ1 Jaccard"), ("ce_loss_recovered", "CE rec"), ("kl_div", "KL"),
+        ("embed_cosine", "emb cos"), ("hidden_rel_change", "Δh/h")]
 
 
 def _fmt(v):
@@ -380,9 +440,11 @@ def run_pipeline(cfg: AtomsConfig, out_dir: str, cache_dir: str | None = None,
             raise ValueError(f"analyze_layers={cfg.analyze_layers}: layers {missing} are not "
                              f"among the cached layers {layers}")
         layers = [l for l in layers if l in cfg.analyze_layers]
+    splice = splice_context(cfg, cache_dir)
     for layer in layers:
         x = layer_data(cache_dir, layer, cfg.max_tokens)
-        res["layers"].append(analyze_layer(x, cfg, layer, log=log, save_dir=out_dir))
+        res["layers"].append(analyze_layer(x, cfg, layer, log=log, save_dir=out_dir,
+                                           splice=splice))
         res["seconds_total"] = time.perf_counter() - t0
         write_outputs(res, out_dir)  # after every layer: partial results survive a stop
     return res

@@ -40,6 +40,9 @@ def main(argv=None):
     ap.add_argument("--analyze-layers", type=cli.nonneg_ints, default=None,
                     help="comma list: analyse only these of the cached --layers (several "
                          "processes can share one cache this way)")
+    ap.add_argument("--splice-texts", type=cli.nonneg_int, default=16,
+                    help="held-out texts for the spliced-model columns (CE recovered and KL "
+                         "for a causal LM, embedding cosine for an encoder); 0 turns them off")
     ap.add_argument("--texts", default=None, help="corpus: path, hf:<dataset>, default offline")
     ap.add_argument("--max-tokens", type=cli.pos_int, default=12_000)
     ap.add_argument("--context-length", type=cli.pos_int, default=128)
@@ -70,7 +73,7 @@ def main(argv=None):
         texts=a.texts, max_tokens=a.max_tokens, context_length=a.context_length,
         cache_dtype=a.cache_dtype, device=a.device, width_mult=a.width_mult, recipe=a.recipe,
         lams=a.lams, steps=a.steps, batch_size=a.batch_size, tied=not a.no_tied, ridge=a.ridge,
-        select_r2=a.select_r2, gemma_scope=gs, seed=a.seed)
+        select_r2=a.select_r2, gemma_scope=gs, seed=a.seed, splice_texts=a.splice_texts)
     cmd = "python -m experiments.atoms.run " + " ".join(shlex.quote(v) for v in (argv or sys.argv[1:]))
     res = run_pipeline(cfg, a.out, a.cache_dir, command=cmd,
                        log=lambda m: print(m, flush=True))

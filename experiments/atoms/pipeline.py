@@ -140,7 +140,7 @@ def _select(members: list[dict], select_r2: float) -> int:
 
 
 def _quick(x, u):
-    return {"r2": at.r2(x, u["x_hat"]), "l0_mean": float((u["codes"] != 0).sum(1).mean())}
+    return {"r2": float(at.r2(x, u["x_hat"])), "l0_mean": float((u["codes"] != 0).sum(1).mean())}
 
 
 def analyze_layer(x: np.ndarray, cfg: AtomsConfig, layer: int, log=print,

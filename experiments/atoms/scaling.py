@@ -40,7 +40,7 @@ def r2_cell(x_train, x_eval, aip, width, *, variant="tied", lam=1.0, steps=400,
     res = train(xin, cfg)
     u = at.sae_units(res.params, x_eval, lambda p, z: res.encode(z), aip=aip,
                      whitened=whitened)
-    return at.r2(x_eval, u["x_hat"]), float((u["codes"] != 0).sum(1).mean())
+    return float(at.r2(x_eval, u["x_hat"])), float((u["codes"] != 0).sum(1).mean())
 
 
 def run_scaling(x, *, M_sizes, D_mults, variant="tied", lam=1.0, steps=400, eval_frac=0.2,

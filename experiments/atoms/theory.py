@@ -49,7 +49,7 @@ def run_theory(*, H=64, N=128, K=3, n=8192, steps=3000, lams=(0.3, 1.0), lr=3e-3
     for i, lam in enumerate(lams):
         u = at.sae_units(res_t.sae_params(i), x, lambda p, z, i=i: res_t.encode(z, i),
                          aip=aip, whitened=True)
-        out["trained_tied_aip"].append({"lam": lam, "r2": at.r2(x, u["x_hat"]),
+        out["trained_tied_aip"].append({"lam": lam, "r2": float(at.r2(x, u["x_hat"])),
                                         **at.planted_support_recovery(D, u["D"].T, codes, u["codes"])})
     out["seconds_tied"] = time.perf_counter() - t0
     if train_euclid:
@@ -60,7 +60,7 @@ def run_theory(*, H=64, N=128, K=3, n=8192, steps=3000, lams=(0.3, 1.0), lr=3e-3
         for i, lam in enumerate(lams):
             cl = res.encode(x, i)
             p = res.sae_params(i)
-            out["trained_euclidean"].append({"lam": lam, "r2": at.r2(x, cl @ p["W_dec"] + p["b_dec"]),
+            out["trained_euclidean"].append({"lam": lam, "r2": float(at.r2(x, cl @ p["W_dec"] + p["b_dec"])),
                                              **at.planted_support_recovery(D, p["W_dec"], codes, cl)})
     return out
 

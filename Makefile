@@ -33,7 +33,7 @@ notebooks: $(STAMP)
 	$(BIN)/python notebooks/execute.py --out results/notebooks
 
 lint: $(STAMP)
-	$(BIN)/ruff check jaxsense sae experiments tests
+	$(BIN)/ruff check jaxsense sae experiments tests notebooks/*.py
 
 clean:
 	rm -rf $(VENV) results .pytest_cache

@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -86,7 +88,6 @@ import tempfile
 from pathlib import Path
 
 import jax
-import numpy as np
 import torch
 from IPython.display import HTML, display
 

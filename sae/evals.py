@@ -219,15 +219,7 @@ def splice_eval_many(model, tokenizer, texts: Iterable[str], layer: int, saes: M
     fns = {name: _sae_fns(s, k, apply_b_dec_to_input, H,
                           _arg if _arg == "sae" else f"saes[{name!r}]")
            for name, s in saes.items()}
-    from sae.cache import _special_ids, find_blocks
-
-    special = _special_ids(tokenizer, exclude_special)
-    blocks = find_blocks(model, n_layers)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    tokenizer.padding_side = "right"
-    device = next(model.parameters()).device
-    special_t = torch.tensor(special, dtype=torch.long, device=device)
+    blocks, device, special_t = _prepare_model(model, tokenizer, n_layers, exclude_special)
 
     # ------------------------------------------------------------------ passes
     hook = _Hook()
@@ -250,7 +242,7 @@ def splice_eval_many(model, tokenizer, texts: Iterable[str], layer: int, saes: M
                 ids = enc["input_ids"].to(device)
                 att = enc["attention_mask"].to(device).bool()
                 keep = att.clone()
-                if len(special):
+                if len(special_t):
                     keep &= ~torch.isin(ids, special_t)
                 count = keep[:, :-1] & att[:, 1:]  # prediction at t of the token at t + 1
                 if not bool(count.any()):
@@ -308,6 +300,22 @@ def splice_eval_many(model, tokenizer, texts: Iterable[str], layer: int, saes: M
 
 
 # ---------------------------------------------------------------------------- shared checks
+def _prepare_model(model, tokenizer, n_layers: int, exclude_special):
+    """(blocks, device, special-token ids as a tensor) for the splice passes; pads on the
+    right (with EOS/UNK when the tokenizer has no pad token)."""
+    import torch
+
+    from sae.cache import _special_ids, find_blocks
+
+    special = _special_ids(tokenizer, exclude_special)
+    blocks = find_blocks(model, n_layers)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    tokenizer.padding_side = "right"
+    device = next(model.parameters()).device
+    return blocks, device, torch.tensor(special, dtype=torch.long, device=device)
+
+
 def _check_texts(texts) -> list[str]:
     if isinstance(texts, (str, bytes)) or not isinstance(texts, Iterable):
         raise TypeError(f"texts={type(texts).__name__}: expected a list of str")
@@ -415,15 +423,7 @@ def encoder_splice_eval(model, tokenizer, texts: Iterable[str], layer: int, sae,
     texts = _check_texts(texts)
     fns = _torch_sae_fns(sae) or _sae_fns(sae, k, apply_b_dec_to_input, H)
     encode_fn, decode_fn = fns
-    from sae.cache import _special_ids, find_blocks
-
-    special = _special_ids(tokenizer, exclude_special)
-    blocks = find_blocks(model, n_layers)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    tokenizer.padding_side = "right"
-    device = next(model.parameters()).device
-    special_t = torch.tensor(special, dtype=torch.long, device=device)
+    blocks, device, special_t = _prepare_model(model, tokenizer, n_layers, exclude_special)
     from tqdm.auto import tqdm
 
     hook = _Hook()
@@ -444,7 +444,7 @@ def encoder_splice_eval(model, tokenizer, texts: Iterable[str], layer: int, sae,
                 ids = enc["input_ids"].to(device)
                 att = enc["attention_mask"].to(device).bool()
                 keep = att.clone()
-                if len(special):
+                if len(special_t):
                     keep &= ~torch.isin(ids, special_t)
                 extra = {k_: v.to(device) for k_, v in enc.items()
                          if k_ not in ("input_ids", "attention_mask")}

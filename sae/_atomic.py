@@ -42,6 +42,11 @@ _TEMP_NAME = re.compile(r"^\..+\.tmp-[A-Za-z0-9_]+$")
 #: exactly what ``tempfile.mkstemp(prefix=".<target>.tmp-")`` creates: 8 characters of
 #: ``tempfile._RandomNameSequence.characters`` (``[a-z0-9_]``) after the prefix
 _OWN_TEMP_NAME = re.compile(r"^\.(?P<target>.+)\.tmp-[a-z0-9_]{8}$")
+#: the names earlier releases' writers gave their temporaries, still recognised so that a
+#: folder left by an older version resumes: ``sae.io`` used ``mkstemp(prefix=".tmp-",
+#: suffix=<target>)`` and ``sae.store`` used ``.<target>.tmp-<pid>``
+_LEGACY_TEMP_NAMES = (re.compile(r"^\.tmp-[a-z0-9_]{8}(?P<target>[^.].*)$"),
+                      re.compile(r"^\.(?P<target>.+)\.tmp-\d+$"))
 
 
 def is_temp_name(name: str) -> bool:
@@ -52,10 +57,15 @@ def is_temp_name(name: str) -> bool:
 def temp_target(name: str) -> str | None:
     """The target file name whose temporary file :func:`atomic_writer` would name ``name``
     (``".manifest.json.tmp-ab12cd_9"`` -> ``"manifest.json"``), or None when ``name`` is not
-    exactly such a temporary name. Stricter than :func:`is_temp_name`: a caller that deletes
-    leftovers can also check the target, so it deletes only its own files' temporaries."""
-    m = _OWN_TEMP_NAME.match(name)
-    return m.group("target") if m else None
+    exactly such a temporary name. The temporary names of earlier releases
+    (``".tmp-ab12cd_9manifest.json"``, ``".manifest.json.tmp-<pid>"``) are recognised too.
+    Stricter than :func:`is_temp_name`: a caller that deletes leftovers can also check the
+    target, so it deletes only its own files' temporaries."""
+    for pattern in (_OWN_TEMP_NAME, *_LEGACY_TEMP_NAMES):
+        m = pattern.match(name)
+        if m:
+            return m.group("target")
+    return None
 
 
 def fsync_dir(path: str | os.PathLike) -> None:

@@ -160,6 +160,33 @@ def test_temp_manifest_alone_does_not_block_a_fresh_cache(model, tmp_path):
     assert m["complete"] and not (out / tmp).exists()
 
 
+# Temporary names of earlier releases: sae.io's writer (mkstemp prefix ".tmp-", suffix the
+# target) and sae.store's (".<target>.tmp-<pid>"). A folder left by an older version must
+# resume, and its leftovers be cleaned, like the current writer's.
+LEGACY_MANIFEST_TEMPS = [".tmp-k2j3h4_9manifest.json", ".manifest.json.tmp-17599"]
+
+
+@pytest.mark.parametrize("name", LEGACY_MANIFEST_TEMPS)
+def test_legacy_temp_manifest_does_not_block_a_fresh_cache(model, tmp_path, name):
+    out = tmp_path / "c"
+    out.mkdir()
+    (out / name).write_bytes(b'{"partial')
+    m = _cache(model, out)
+    assert m["complete"] and not (out / name).exists()
+
+
+@pytest.mark.parametrize("name", LEGACY_MANIFEST_TEMPS
+                         + [".shard_000001.layer_000.npy.tmp-17599"])
+def test_legacy_temp_files_are_cleaned_on_resume(model, tmp_path, name):
+    out = tmp_path / "c"
+    assert not _cache(model, out, max_texts=8)["complete"]
+    (out / name).write_bytes(b"partial")
+    (out / ".tmp-k2j3h4_9notes.txt").write_text("not the cache's")
+    m = _cache(model, out)
+    assert m["complete"] and not (out / name).exists()
+    assert (out / ".tmp-k2j3h4_9notes.txt").read_text() == "not the cache's"
+
+
 def test_disk_full_during_shard_write_leaves_no_temp_and_resumes(model, tmp_path,
                                                                  monkeypatch):
     import errno

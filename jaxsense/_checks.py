@@ -4,11 +4,18 @@ Every public function validates its arguments *before* any compute starts and ra
 ValueError/TypeError that names the argument, the value it got and what was expected.
 Values that are JAX tracers (inside jit/vmap) cannot be inspected and are skipped: the
 check then happens once, at the outermost concrete call.
+
+Array checks (shape, floating dtype, finiteness) run chex's own asserts
+(``chex.assert_shape``, ``chex.assert_type``, ``chex.assert_tree_all_finite``); chex raises a
+bare ``AssertionError`` that does not know the argument's name, so each is caught here and
+re-raised as the ValueError/TypeError of this module's contract, naming the argument, with
+chex's message kept as the cause.
 """
 from __future__ import annotations
 
 import numbers
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -74,18 +81,23 @@ def check_finite(name: str, x) -> None:
         from .mesh import host_gather
 
         x = host_gather(x)
-    if not bool(np.all(np.isfinite(np.asarray(x)))):
-        bad = int(np.size(x) - np.isfinite(np.asarray(x)).sum())
-        raise ValueError(f"{name}: expected all entries finite, found {bad} non-finite entries")
+    x = np.asarray(x)
+    try:
+        chex.assert_tree_all_finite(x)
+    except AssertionError as e:
+        bad = int(np.size(x) - np.isfinite(x).sum())
+        raise ValueError(f"{name}: expected all entries finite, found {bad} non-finite "
+                         "entries") from e
 
 
 def check_shape(name: str, x, shape: tuple) -> None:
     """``shape`` may contain None as a wildcard."""
     got = tuple(np.shape(x))
-    ok = len(got) == len(shape) and all(s is None or s == g for s, g in zip(shape, got))
-    if not ok:
+    try:
+        chex.assert_shape(jax.ShapeDtypeStruct(got, np.float32), tuple(shape))
+    except AssertionError as e:
         want = tuple("*" if s is None else s for s in shape)
-        raise ValueError(f"{name}: expected shape {want}, got {got}")
+        raise ValueError(f"{name}: expected shape {want}, got {got}") from e
 
 
 def check_trailing_shape(name: str, x, trailing: tuple) -> None:
@@ -109,8 +121,10 @@ def check_real_array(name: str, x) -> None:
 
 def check_float_dtype(name: str, x, dtype=None) -> None:
     dt = np.dtype(x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype)
-    if dt.kind != "f":
-        raise TypeError(f"{name}: expected a floating-point array, got dtype {dt}")
+    try:
+        chex.assert_type(jax.ShapeDtypeStruct((), dt), float)
+    except AssertionError as e:
+        raise TypeError(f"{name}: expected a floating-point array, got dtype {dt}") from e
     if dtype is not None and dt != np.dtype(dtype):
         raise TypeError(f"{name}: expected dtype {np.dtype(dtype)} (to match the operator), got {dt}")
 

@@ -303,3 +303,22 @@ def test_saelens_loader_names_the_bad_file(tmp_path):
         fh.write("{scaling_factor: 2}")
     with pytest.raises(sio.WeightsFileError, match=rf"{spath}: not readable"):
         sio.load_saelens(folder)
+
+
+def test_boundary_checks_run_chex_asserts_and_name_the_argument():
+    """The array checks of jaxsense._checks are chex asserts re-raised under our contract:
+    the error names the argument, chex's AssertionError is its cause."""
+    import jax.numpy as jnp
+
+    from jaxsense import _checks
+
+    cases = [(ValueError, lambda: _checks.check_shape("X", np.zeros((2, 8)), (4, 4)), "X: "),
+             (ValueError, lambda: _checks.check_finite("D", np.array([1.0, np.nan])), "D: "),
+             (TypeError, lambda: _checks.check_float_dtype("Y", np.ones(3, np.int32)), "Y: ")]
+    for exc, call, prefix in cases:
+        with pytest.raises(exc, match=prefix) as info:
+            call()
+        assert isinstance(info.value.__cause__, AssertionError)
+    # chex's notion of "floating" includes bfloat16 (numpy's dtype.kind calls it "V")
+    _checks.check_float_dtype("x", jnp.ones(3, jnp.bfloat16))
+    _checks.check_shape("x", np.zeros((5, 4)), (None, 4))

@@ -65,6 +65,7 @@ __all__ = [
     "tsae_construction",
     "uniqueness_per_atom",
     "uniqueness_per_sample",
+    "uniqueness_readings",
     "unit_metrics",
     "whiten",
 ]
@@ -347,6 +348,59 @@ def q_star(mu_atoms, l0, *, n_grid: int = 2001) -> float:
     return float(q[-1] if bad.size == 0 else q[bad[0] - 1])
 
 
+def l0_relative(codes, rel_tol: float):
+    """Per-sample L0 counting only codes with |c_j| > ``rel_tol``·max_j |c_j| (a reading in
+    which near-zero codes do not count toward the support; RECONSTRUCTED — Hu et al. do not
+    state a threshold). All-zero rows have L0 0. (B,) int32."""
+    _checks.check_scalar("rel_tol", rel_tol, low=0.0, high=1.0, high_open=True)
+    a = jnp.abs(jnp.asarray(codes))
+    m = jnp.max(a, axis=-1, keepdims=True)
+    return jnp.sum((a > rel_tol * m) & (a > 0), axis=-1).astype(jnp.int32)
+
+
+DEFAULT_K_READINGS = (0.1, 0.25, 0.5, "mean", 0.9)
+
+
+def uniqueness_readings(mu_atoms, codes, *, k_readings=DEFAULT_K_READINGS,
+                        rel_tols=(1e-2,)) -> dict:
+    """Several readings of Hu et al.'s uniqueness numbers for one unit, so that the reading
+    that reproduces the paper (if any) can be found:
+
+    - per-atom ("v1"): fraction of atoms with μ_i < 1/(2K − 1) for K = each entry of
+      ``k_readings`` (a quantile of per-sample L0, or "mean" / "max"; :func:`k_from_l0`);
+    - quantile ("v2"): q* = sup{q : μ_q < 1/(2K_q − 1)} (:func:`q_star`);
+    both with L0 = the exact count of non-zero codes ("exact") and with L0 counting only
+    |c| > τ·max|c| per sample (``"rel{τ:g}"``, :func:`l0_relative`; neurons' dense codes x
+    get a finite support this way).
+
+    mu_atoms: (N,) per-atom coherence (in the AIP); codes: (B, N).
+    Returns {l0_name: {"l0_mean", "K": {label: K}, "v1": {label: fraction}, "q_star"}} with
+    labels "q0.1", …, "mean"."""
+    mu = np.asarray(mu_atoms, np.float64)
+    _checks.check_finite("codes", codes)
+    if np.ndim(codes) != 2 or np.shape(codes)[1] != mu.shape[0]:
+        raise ValueError(f"codes: expected (B, N={mu.shape[0]}) codes of the {mu.shape[0]} "
+                         f"atoms in mu_atoms; got shape {np.shape(codes)}")
+    for kq in k_readings:  # validate every reading before any compute
+        if isinstance(kq, str):
+            _checks.check_choice("k_readings entry", kq, ("mean", "max"))
+        else:
+            _checks.check_scalar("k_readings entry", kq, low=0.0, high=1.0)
+    for t in rel_tols:
+        _checks.check_scalar("rel_tols entry", t, low=0.0, high=1.0, high_open=True)
+    l0s = {"exact": np.asarray(l0_per_sample(codes))}
+    for t in rel_tols:
+        l0s[f"rel{t:g}"] = np.asarray(l0_relative(codes, t))
+    out = {}
+    for name, l0 in l0s.items():
+        lab = {kq: (kq if isinstance(kq, str) else f"q{kq:g}") for kq in k_readings}
+        Ks = {lab[kq]: k_from_l0(l0, kq) for kq in k_readings}
+        out[name] = {"l0_mean": float(l0.mean()), "K": Ks,
+                     "v1": {n: float(np.mean(mu < _bound(K))) for n, K in Ks.items()},
+                     "q_star": q_star(mu, l0)}
+    return out
+
+
 def uniqueness_per_sample(D, codes, S=None, *, k_max: int | None = None, mu_atoms=None,
                           tol: float = 0.0) -> dict:
     """Per-sample uniqueness tests with |T| = the sample's L0:
@@ -522,7 +576,8 @@ def sae_units(params: dict, x, encode_fn, *, aip: AIP | None = None, whitened: b
 def unit_metrics(x, units: dict, aip: AIP, *, key, k_quantile: float | str = 0.5,
                  n_supports: int = 512, n_bp: int = 512, bp_iter: int = 500,
                  coherence_block: int | None = 4096, per_sample: bool = True,
-                 bp_target: str = "reconstruction") -> dict:
+                 bp_target: str = "reconstruction", readings: bool = False,
+                 k_readings=DEFAULT_K_READINGS, rel_tols=(1e-2,)) -> dict:
     """One row of the units table for activations x (B, H) and units {"D" (H,N), "codes" (B,N),
     "x_hat" (B,H)} (see :func:`neuron_units`, :func:`sae_units`):
 
@@ -530,7 +585,8 @@ def unit_metrics(x, units: dict, aip: AIP, *, key, k_quantile: float | str = 0.5
     uniqueness fraction per atom (μ_i < 1/(2K−1), K = quantile of L0), q*, per-sample
     uniqueness (support-restricted and atom-wise), RIP (sampled δ_K and Gershgorin),
     ℓ1 recoverability on the first ``n_bp`` samples (only when N ≥ H; neurons are trivially
-    recoverable and skipped)."""
+    recoverable and skipped). ``readings=True`` adds ``row["readings"]``: the per-atom and
+    quantile uniqueness under several K and L0 readings (:func:`uniqueness_readings`)."""
     _checks.check_real_array("x", x)
     _check_dict("units['D']", units["D"])
     _checks.check_finite("units['codes']", units["codes"])
@@ -563,6 +619,9 @@ def unit_metrics(x, units: dict, aip: AIP, *, key, k_quantile: float | str = 0.5
         "mu_max": float(mu.max()), "mu_median": float(np.median(mu)),
         "K": uq["K"], "uniqueness_atoms": uq["fraction"], "q_star": q_star(mu, l0),
     }
+    if readings:
+        row["readings"] = uniqueness_readings(mu, codes, k_readings=k_readings,
+                                              rel_tols=rel_tols)
     if per_sample:
         kmax = int(min(max(1, l0.max()), D.shape[1], 512))
         us = uniqueness_per_sample(D, codes, S32, k_max=kmax, mu_atoms=jnp.asarray(mu))

@@ -24,7 +24,7 @@ import itertools
 import math
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -35,19 +35,55 @@ from jaxsense.mesh import host_gather as _to_host
 from jaxsense.mesh import make_mesh as _make_mesh
 
 from . import checkpoint as ckpt
+from jaxsense._checks import check_int, check_scalar
+
 from .config import HParams, TrainConfig
 from .data import as_source, check_batch
 from .model import encode as _encode
 from .step import TrainState, graphdef_of, init_state, make_model, train_chunk
 
-__all__ = ["NonFiniteError", "TrainResult", "estimate_scale", "fold_scale", "make_chunk_fn",
-           "make_mesh", "train"]
+__all__ = ["NonFiniteError", "Plateau", "TrainResult", "estimate_scale", "fold_scale",
+           "make_chunk_fn", "make_mesh", "plateau_improvement", "train"]
 
 _LOGGED = ("loss", "mse", "l0", "ev", "dead_frac", "lam", "lr")
 
 
 class NonFiniteError(FloatingPointError):
     """Raised when loss or parameters become NaN/Inf; the message names step and SAE index."""
+
+
+class Plateau(NamedTuple):
+    """Stop training when the training loss stops improving (our rule — no SAE paper we
+    follow states one; the common "relative improvement below a tolerance" early stop):
+    after ``min_steps``, at every multiple of ``window`` steps, compare the mean per-step loss
+    of the last ``window`` steps, m₁, with that of the ``window`` steps before, m₀; stop when
+    (m₀ − m₁)/|m₀| < ``tol`` for every SAE of a sweep (:func:`plateau_improvement`).
+    ``config.total_steps`` stays the cap and the schedules still assume it (set
+    ``lam_warmup_steps`` ≤ ``min_steps`` so λ has reached its value before the test)."""
+
+    window: int = 200
+    tol: float = 1e-3
+    min_steps: int = 0
+
+    def check(self) -> None:
+        check_int("plateau.window", self.window, low=1)
+        check_scalar("plateau.tol", self.tol, low=0.0)
+        check_int("plateau.min_steps", self.min_steps, low=0)
+
+
+def plateau_improvement(losses, window: int) -> np.ndarray:
+    """Relative improvement (m₀ − m₁)/|m₀| of the windowed mean loss: m₁ the mean of the last
+    ``window`` rows of ``losses`` (T,) or (T, N), m₀ the mean of the ``window`` rows before.
+    Returns a scalar (T,) input) or (N,) array; +inf where T < 2·window (no verdict yet)."""
+    check_int("window", window, low=1)
+    x = np.asarray(losses, np.float64)
+    if x.ndim not in (1, 2):
+        raise ValueError(f"losses: expected (T,) or (T, N) per-step losses, got shape {x.shape}")
+    if x.shape[0] < 2 * window:
+        return np.full(x.shape[1:], np.inf)
+    m1 = x[-window:].mean(0)
+    m0 = x[-2 * window:-window].mean(0)
+    return (m0 - m1) / np.maximum(np.abs(m0), 1e-30)
 
 
 @dataclasses.dataclass
@@ -59,6 +95,9 @@ class TrainResult:
       for a sweep.  state: final ``TrainState`` (in scaled units).  scale: c.
     history: list of logged dicts (step, tokens, and per-SAE lists of loss, l0, ev,
       dead_frac, lam, lr).  n_sae: None (single) or N.
+    steps: steps trained (this call and any resumed run).  stop: "total_steps" (cap
+      reached), "max_steps", "plateau" (the ``Plateau`` rule fired) or "data" (data ended).
+    losses: per-step training loss of this call, (T,) or (T, N) float32.
     """
 
     params: dict
@@ -69,6 +108,9 @@ class TrainResult:
     history: list
     n_sae: int | None
     hparams: HParams
+    steps: int = 0
+    stop: str = "total_steps"
+    losses: Any = None
 
     def sae_params(self, i: int | None = None) -> dict:
         """Params of SAE ``i`` of a sweep (or of the single SAE)."""
@@ -105,8 +147,8 @@ class TrainResult:
 
 
 def estimate_scale(batches: Sequence, mode: str | None) -> float:
-    """c with E‖c x‖² = 1 ("norm2") or E‖c x‖ = √d ("sqrt_d"), from the given batches
-    (float64 accumulation); 1.0 for mode None."""
+    """c with E‖c x‖² = 1 ("norm2"), E‖c x‖² = d ("norm2_d") or E‖c x‖ = √d ("sqrt_d"),
+    from the given batches (float64 accumulation); 1.0 for mode None."""
     if mode is None:
         return 1.0
     sq = n = s1 = 0.0
@@ -118,11 +160,13 @@ def estimate_scale(batches: Sequence, mode: str | None) -> float:
         sq += r2.sum()
         s1 += np.sqrt(r2).sum()
         n += b.shape[0]
-    m = sq / n if mode == "norm2" else s1 / n
+    m = s1 / n if mode == "sqrt_d" else sq / n
     if m <= 0:
         raise ValueError(f"cannot scale inputs (input_scaling={mode!r}): the scaling batches "
                          f"are all zero")
-    return float(1.0 / math.sqrt(m)) if mode == "norm2" else float(math.sqrt(d) / m)
+    if mode == "sqrt_d":
+        return float(math.sqrt(d) / m)
+    return float(math.sqrt((d if mode == "norm2_d" else 1.0) / m))
 
 
 def fold_scale(params: dict, c: float) -> dict:
@@ -179,15 +223,27 @@ def _global_scale_batches(buffer, rows, B):
     return list(full)
 
 
-def _export_params(graphdef, params_state, stacked: bool) -> dict:
-    def one(p):
-        return nnx.merge(graphdef, p).params()
-
-    f = jax.vmap(one) if stacked else one
-    return jax.tree.map(np.asarray, _to_host(jax.jit(f)(params_state)))
-
-
 _COMPILED: dict = {}
+
+
+def _export_params(graphdef, params_state, stacked: bool) -> dict:
+    key = ("export", graphdef, stacked)
+    if key not in _COMPILED:  # one jitted export per (graphdef, stacked): no recompiles
+        def one(p):
+            return nnx.merge(graphdef, p).params()
+
+        _COMPILED[key] = jax.jit(jax.vmap(one) if stacked else one)
+    return jax.tree.map(np.asarray, _to_host(_COMPILED[key](params_state)))
+
+
+def _init_fn(config, stacked: bool):
+    """The jitted state initialiser, cached by its static config like the train step, so
+    repeated ``train`` calls with one config (e.g. a grid over data sizes) compile it once."""
+    key = ("init", config, stacked)
+    if key not in _COMPILED:
+        fn = lambda h, kk: init_state(config, h, kk)[1]
+        _COMPILED[key] = jax.jit(jax.vmap(fn) if stacked else fn)
+    return _COMPILED[key]
 
 
 def _chunk_fn(graphdef, config, stacked: bool):
@@ -278,7 +334,7 @@ def _check_finite(metrics, finite, step, k, stacked):
 def train(data, config: TrainConfig, *, sweep: tuple[HParams, Any] | None = None,
           hparams: HParams | None = None, mesh=None, checkpoint_dir: str | None = None,
           resume: bool = True, overwrite: bool = False,
-          max_steps: int | None = None) -> TrainResult:
+          max_steps: int | None = None, plateau: Plateau | None = None) -> TrainResult:
     """Train one SAE, or a vmapped sweep of N SAEs on the same batches.
 
     data: (N, d) array (shuffled by ``ArraySource``, seed ``config.data_seed``) or any
@@ -297,6 +353,9 @@ def train(data, config: TrainConfig, *, sweep: tuple[HParams, Any] | None = None
       checkpoints raises FileExistsError, unless ``overwrite=True`` deletes them first.
     max_steps: stop after this many steps (e.g. to simulate an interruption); the schedule
       still assumes ``config.total_steps``.
+    plateau: a :class:`Plateau` rule: stop early once the training loss has stopped
+      improving (``total_steps`` / ``max_steps`` remain the cap); ``result.stop`` and
+      ``result.steps`` say what happened.
 
     Raises NonFiniteError (naming step and SAE index) on NaN/Inf loss or parameters, before
     any checkpoint of the bad state is written; ValueError on a malformed batch.
@@ -315,6 +374,14 @@ def train(data, config: TrainConfig, *, sweep: tuple[HParams, Any] | None = None
         from jaxsense._checks import check_int
 
         check_int("max_steps", max_steps, low=1)
+    if plateau is not None:
+        if not isinstance(plateau, Plateau):
+            raise TypeError(f"plateau must be a sae.loop.Plateau or None, got "
+                            f"{type(plateau).__name__}")
+        plateau.check()
+        if plateau.window % config.steps_per_call:
+            raise ValueError(f"plateau.window={plateau.window}: expected a multiple of "
+                             f"steps_per_call={config.steps_per_call}")
     if jax.process_count() > 1 and mesh is None:
         raise ValueError(f"mesh=None under jax.distributed ({jax.process_count()} processes): "
                          f"pass mesh=sae.make_mesh(...) over every process's devices")
@@ -324,13 +391,10 @@ def train(data, config: TrainConfig, *, sweep: tuple[HParams, Any] | None = None
             if checkpoint_dir is not None else None)
 
     # --- init (or restore) ---
-    if stacked:
-        keys = jax.vmap(jax.random.key)(jnp.asarray(seeds))
-        init = jax.vmap(lambda h, kk: init_state(config, h, kk)[1])
-    else:
-        keys, init = jax.random.key(int(seeds)), (lambda h, kk: init_state(config, h, kk)[1])
+    keys = (jax.vmap(jax.random.key)(jnp.asarray(seeds)) if stacked
+            else jax.random.key(int(seeds)))
     graphdef = graphdef_of(config)
-    state = jax.jit(init)(hp, keys)
+    state = _init_fn(config, stacked)(hp, keys)
     state, hp, data_sh = _placement(mesh, state, hp, config, stacked, n_sae)
     chunk_shape = (k, config.batch_size, config.d_in)
     rows = _process_rows(data_sh, chunk_shape)
@@ -372,6 +436,8 @@ def train(data, config: TrainConfig, *, sweep: tuple[HParams, Any] | None = None
         return jax.device_put(c, data_sh) if data_sh is not None else jnp.asarray(c)
 
     history: list = []
+    trace: list = []  # per-step losses of this call, for the plateau rule and result.losses
+    stop = "total_steps" if max_steps is None or max_steps >= config.total_steps else "max_steps"
     bar = None
     if config.progress and jax.process_index() == 0:
         from tqdm.auto import tqdm
@@ -390,9 +456,15 @@ def train(data, config: TrainConfig, *, sweep: tuple[HParams, Any] | None = None
             if stacked:  # vmapped: (N, k) → (k, N)
                 metrics = {n: np.moveaxis(np.asarray(v), 0, 1) for n, v in metrics.items()}
             _check_finite(metrics, np.asarray(_to_host(finite)), step, k, stacked)
+            trace.extend(np.asarray(metrics["loss"], np.float32).reshape(k, -1))
+            plateaued = False
+            if plateau is not None and (step + k) % plateau.window == 0 and \
+                    step + k - plateau.min_steps >= 2 * plateau.window:
+                imp = plateau_improvement(np.stack(trace[-2 * plateau.window:]), plateau.window)
+                plateaued = bool(np.all(imp < plateau.tol))
             for j in range(k):
                 s = step + j + 1
-                if s % config.log_every == 0 or s == total:
+                if s % config.log_every == 0 or s == total or (plateaued and j == k - 1):
                     rec = {"step": s, "tokens": s * config.batch_size}
                     for name in _LOGGED:
                         v = np.asarray(metrics[name])[j]
@@ -408,13 +480,20 @@ def train(data, config: TrainConfig, *, sweep: tuple[HParams, Any] | None = None
             if (mngr is not None and config.checkpoint_every
                     and step % config.checkpoint_every == 0 and step < total):
                 ckpt.save(mngr, state, _meta(config, step, scale, n_sae, hp, seeds))
+            if plateaued and step < total:
+                stop = "plateau"
+                chunk = None
     finally:
         if bar is not None:
             bar.close()
-    if step < total:
+    if step < total and stop != "plateau":
+        stop = "data"
         warnings.warn(f"data ended after {step} of {total} steps", stacklevel=2)
     if mngr is not None and (mngr.latest_step() or 0) < step:
         ckpt.save(mngr, state, _meta(config, step, scale, n_sae, hp, seeds))
     params = fold_scale(_export_params(graphdef, state.params, stacked), scale)
+    losses = np.stack(trace) if trace else np.zeros((0, n_sae or 1), np.float32)
     return TrainResult(params=params, state=state, graphdef=graphdef, config=config,
-                       scale=float(scale), history=history, n_sae=n_sae, hparams=hp)
+                       scale=float(scale), history=history, n_sae=n_sae, hparams=hp,
+                       steps=int(step), stop=stop,
+                       losses=losses if stacked else losses[:, 0])

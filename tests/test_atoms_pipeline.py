@@ -67,11 +67,58 @@ def test_pipeline_tiny_model_end_to_end(tmp_path):
                                    context_length=64, progress=False)
         assert L["rows"]["features"]["ce_loss_recovered"] == pytest.approx(
             direct["ce_loss_recovered"], rel=1e-5, abs=1e-6)
-    for f in ("table.md", "table.json", "angles.png", "units_per_layer.png"):
+    from experiments.atoms.pipeline import _select
+    from sae.model import encode
+
+    for L in res["layers"]:
+        # three splits: λ chosen on the select rows, the table on the report rows
+        for v, sw in L["sweeps"].items():
+            assert sw["selected"] == _select(sw["members"], cfg.select_r2)
+            m = sw["members"][sw["selected"]]
+            assert L["rows"][v]["r2_select"] == m["r2"]
+            assert L["rows"][v]["r2_eval"] == L["rows"][v]["r2"]
+            assert L["rows"][v]["r2_eval"] == pytest.approx(m["r2_eval"], abs=1e-6)
+            assert L["training"][v]["steps"] == 30 and L["training"][v]["stop"] == "total_steps"
+        # r2_train is the in-sample R² of the saved features SAE on the first training rows
+        from experiments.atoms.pipeline import layer_data, split_rows
+
+        x = layer_data(str(tmp_path / "out" / "cache"), L["layer"], cfg.max_tokens)
+        tr, sel, rep = split_rows(x.shape[0], cfg.eval_frac, cfg.select_frac)
+        assert (L["n_train"], L["n_select"], L["n_eval"]) == (
+            tr.stop, min(sel.stop - sel.start, cfg.max_eval), min(rep.stop - rep.start,
+                                                                  cfg.max_eval))
+        assert L["n_select"] > 0 and tr.stop + (sel.stop - sel.start) < x.shape[0]
+        xt = x[tr][: cfg.max_eval]
+        p = {k: jax.numpy.asarray(v) for k, v in
+             np.load(tmp_path / "out" / f"sae_features_layer{L['layer']}.npz").items()}
+        xh = np.asarray(encode(p, xt)) @ np.asarray(p["W_dec"]) + np.asarray(p["b_dec"])
+        assert L["rows"]["features"]["r2_train"] == pytest.approx(float(at.r2(xt, xh)),
+                                                                  abs=1e-4)
+        assert L["rows"]["neurons"]["r2_train"] == 1.0
+        # the readings: v1 at the median K is the table's uniqueness column, v2 is q*
+        for r in L["rows"].values():
+            ex = r["readings"]["exact"]
+            assert ex["v1"]["q0.5"] == r["uniqueness_atoms"] and ex["q_star"] == r["q_star"]
+            assert "rel0.01" in r["readings"]
+    assert "## Uniqueness readings" in (tmp_path / "out" / "table.md").read_text()
+    j = json.loads((tmp_path / "out" / "table.json").read_text())
+    assert j["git"]["commit"] is None or len(j["git"]["commit"]) == 40
+    for f in ("table.md", "table.json", "angles.png", "units_per_layer.png", "loss_curves.png"):
         assert (tmp_path / "out" / f).stat().st_size > 0
     j = json.loads((tmp_path / "out" / "table.json").read_text())
     assert set(j["average"]) == {"neurons", "features", "atoms_whitened", "atoms_tied"}
     assert "| avg | atoms_tied |" in (tmp_path / "out" / "table.md").read_text()
+
+
+def test_split_rows():
+    from experiments.atoms.pipeline import split_rows
+
+    tr, sel, rep = split_rows(100, 0.2, 0.1)
+    assert (tr, sel, rep) == (slice(0, 70), slice(70, 80), slice(80, 100))
+    with pytest.raises(ValueError, match="select_frac"):
+        split_rows(100, 0.2, 0.0)
+    with pytest.raises(ValueError, match="n=5 rows"):
+        split_rows(5, 0.2, 0.1)
 
 
 def test_trained_tied_sae_recovers_planted_supports():

@@ -4,7 +4,11 @@ Caches the residual stream of every layer of a model (default: the embedded Smol
 ``--model smollm2-135m``, offline; ``--model minilm`` for all-MiniLM-L6-v2), trains per
 layer a vmapped λ sweep of each unit variant (Euclidean "features", AIP "atoms" with
 whitened inputs and with the tied encoder W_enc = S̃D), runs the atoms analysis and
-writes results/atoms/{table.md, table.json, angles.png, units_per_layer.png}.
+writes results/atoms/{table.md, table.json, angles.png, units_per_layer.png,
+loss_curves.png}. Rows are split train / select (λ choice) / report (the table); every
+unit carries ``r2_train`` (in-sample) and ``r2_eval`` (report split) and the uniqueness
+readings of ``sae.atoms.uniqueness_readings``; ``--plateau-window`` trains each sweep until
+its training loss plateaus (``sae.loop.Plateau``, ``--steps`` the cap).
 
 Full scale (the paper's Gemma2-2B; needs the weights and a GPU):
     python -m experiments.atoms.run --model google/gemma-2-2b --device cuda \
@@ -56,6 +60,19 @@ def main(argv=None):
     ap.add_argument("--no-tied", action="store_true")
     ap.add_argument("--ridge", type=cli.nonneg_float, default=0.0)
     ap.add_argument("--select-r2", type=cli.probability, default=0.9)
+    ap.add_argument("--eval-frac", type=cli.probability, default=0.2,
+                    help="report split: the last fraction of each layer's rows")
+    ap.add_argument("--select-frac", type=cli.probability, default=0.1,
+                    help="λ-selection split: the rows just before the report split")
+    ap.add_argument("--max-eval", type=cli.pos_int, default=4096,
+                    help="rows of the select / report splits (and of the training rows for "
+                         "r2_train) the metrics use")
+    ap.add_argument("--lam-warmup-steps", type=cli.nonneg_int, default=None,
+                    help="λ warm-up length (default: the recipe's; Anthropic: the whole run)")
+    ap.add_argument("--plateau-window", type=cli.nonneg_int, default=0,
+                    help="> 0: stop each sweep when the windowed mean training loss improves by "
+                         "less than --plateau-tol (relative) over a window; --steps is the cap")
+    ap.add_argument("--plateau-tol", type=cli.nonneg_float, default=1e-3)
     ap.add_argument("--gemma-scope", type=_gemma_scope, action="append", default=[],
                     help="LAYER=path/params.npz (repeatable): a public SAE as 'features_public'")
     ap.add_argument("--out", default="results/atoms")
@@ -73,7 +90,10 @@ def main(argv=None):
         texts=a.texts, max_tokens=a.max_tokens, context_length=a.context_length,
         cache_dtype=a.cache_dtype, device=a.device, width_mult=a.width_mult, recipe=a.recipe,
         lams=a.lams, steps=a.steps, batch_size=a.batch_size, tied=not a.no_tied, ridge=a.ridge,
-        select_r2=a.select_r2, gemma_scope=gs, seed=a.seed, splice_texts=a.splice_texts)
+        select_r2=a.select_r2, gemma_scope=gs, seed=a.seed, splice_texts=a.splice_texts,
+        eval_frac=a.eval_frac, select_frac=a.select_frac, max_eval=a.max_eval,
+        lam_warmup_steps=a.lam_warmup_steps, plateau_window=a.plateau_window,
+        plateau_tol=a.plateau_tol)
     cmd = "python -m experiments.atoms.run " + " ".join(shlex.quote(v) for v in (argv or sys.argv[1:]))
     res = run_pipeline(cfg, a.out, a.cache_dir, command=cmd,
                        log=lambda m: print(m, flush=True))

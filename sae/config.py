@@ -1,16 +1,29 @@
 """Training configuration: the frozen ``TrainConfig``, named recipes, per-SAE ``HParams``.
 
-Recipes (the defaults a ``None`` field takes):
+Every field in ``RECIPE_FIELDS`` is left ``None`` (``input_scaling``: ``"recipe"``) by default
+and then takes the value of the chosen recipe; each recipe sets every one of them explicitly
+(no recipe inherits another's values). Sources, and which values are ours:
 
-* ``"gdm"`` — Rajamanoharan et al. 2024, "Jumping ahead: improving reconstruction fidelity
+* ``"gdm"`` — Rajamanoharan et al. 2024, "Jumping Ahead: improving reconstruction fidelity
   with JumpReLU sparse autoencoders" (arXiv:2407.14435) and Gemma Scope (Lieberum et al.
-  2024, arXiv:2408.05147): L0 penalty, bandwidth ε = 1e-3, θ0 = 1e-3, lr 7e-5 with a 1k-step
-  warm-up, λ warmed over 10k steps, Adam(β1 = 0, β2 = 0.999), inputs scaled to E‖x‖² = 1.
+  2024, arXiv:2408.05147): L0 penalty on π, bandwidth ε = 1e-3, θ0 = 1e-3 stored as log θ
+  (their appendix pseudo-code and Gemma Scope colab train log θ), lr 7e-5 with a 1k-step
+  warm-up and no decay, λ warmed over 10k steps, Adam(β1 = 0, β2 = 0.999, eps 1e-8), global
+  gradient-norm clip 1, inputs scaled to E‖cx‖² = 1; W_dec rows He-uniform then unit norm,
+  W_enc = W_decᵀ, biases 0; unit decoder rows kept by projecting the gradient's component
+  along each row out before Adam and renormalising after it (the public dictionary_learning
+  port of this recipe, ``trainers/jumprelu.py``). λ = 1e-2 is our default (a sweep value).
 * ``"anthropic"`` — Anthropic's January 2025 circuits update ("Dictionary learning
-  optimization techniques"): tanh penalty λ Σ tanh(c f_i ‖d_i‖) with c = 4, pre-activation
-  loss 3e-6 on dead latents, ε = 2, θ0 = 0.1, lr 2e-4 decayed linearly over the last 20%,
-  λ warmed over the whole run, inputs scaled to E‖x‖ = √d. The constants that the update
-  does not state (λ = 1, θ0, ε) are our reconstruction and are plain fields here.
+  optimization techniques", Conerly et al.) on top of their April 2024 update ("Training
+  sparse autoencoders"): tanh penalty λ Σ tanh(c f_i ‖d_i‖) with c = 4, pre-activation loss
+  λ_P Σ ReLU(θ_i − π_i) ‖d_i‖ with λ_P = 3e-6 over *all* latents, bandwidth ε = 2, θ0 = 0.1
+  stored as log thresholds t = log θ, W_dec entries U(−1/√d, 1/√d), W_enc = (d/M) W_decᵀ,
+  b_d = 0, decoder norms unconstrained (the penalty carries ‖d_i‖), Adam(0.9, 0.999, 1e-8),
+  clip 1, λ warmed over the whole run, lr decayed linearly to 0 over the last 20 %, no lr
+  warm-up, inputs scaled to E‖cx‖ = √d (as SAELens's port of this setup,
+  ``normalize_activations="expected_average_only_in"``). Not in the source, so
+  reconstructed and plain fields: λ = 1, lr = 2e-4. Not implemented: the data-dependent
+  b_e init (each latent firing on 10000/M of the data at the start; b_e = 0 here).
 """
 from __future__ import annotations
 
@@ -22,17 +35,29 @@ import numpy as np
 
 from jaxsense._checks import check_choice, check_int, check_scalar
 
-__all__ = ["ARCHS", "RECIPES", "HParams", "TrainConfig", "sweep"]
+__all__ = ["ARCHS", "RECIPES", "RECIPE_FIELDS", "HParams", "TrainConfig", "sweep"]
 
 ARCHS = ("jumprelu", "topk", "tied")
 
+#: The fields every recipe sets (a ``TrainConfig`` field left ``None`` takes the recipe value).
+RECIPE_FIELDS = ("sparsity", "lam", "lr", "eps", "theta_init", "log_theta", "init",
+                 "lr_warmup_steps", "lr_decay_frac", "lam_warmup_steps", "b1", "b2",
+                 "adam_eps", "clip_norm", "input_scaling", "decoder_norm", "tanh_c",
+                 "preact_coef", "preact_on")
+
 RECIPES = {
-    "gdm": dict(sparsity="l0", lam=1e-2, lr=7e-5, eps=1e-3, theta_init=1e-3,
-                lam_warmup_steps=10_000, lr_warmup_steps=1_000, lr_decay_frac=0.0,
-                input_scaling="norm2", preact_coef=0.0),
+    # Rajamanoharan et al. 2024 (arXiv:2407.14435) / Gemma Scope (arXiv:2408.05147).
+    "gdm": dict(sparsity="l0", lam=1e-2, lr=7e-5, eps=1e-3, theta_init=1e-3, log_theta=True,
+                init="gdm", lr_warmup_steps=1_000, lr_decay_frac=0.0, lam_warmup_steps=10_000,
+                b1=0.0, b2=0.999, adam_eps=1e-8, clip_norm=1.0, input_scaling="norm2",
+                decoder_norm="constrained",
+                tanh_c=4.0, preact_coef=0.0, preact_on="all"),  # tanh_c, preact_on: unused
+    # Anthropic, circuits updates of January 2025 and April 2024 (module docstring).
     "anthropic": dict(sparsity="tanh", lam=1.0, lr=2e-4, eps=2.0, theta_init=0.1,
-                      lam_warmup_steps=None, lr_warmup_steps=0, lr_decay_frac=0.2,
-                      input_scaling="sqrt_d", preact_coef=3e-6),
+                      log_theta=True, init="anthropic", lr_warmup_steps=0, lr_decay_frac=0.2,
+                      lam_warmup_steps=None, b1=0.9, b2=0.999, adam_eps=1e-8, clip_norm=1.0,
+                      input_scaling="sqrt_d", decoder_norm="none", tanh_c=4.0,
+                      preact_coef=3e-6, preact_on="all"),
 }
 
 
@@ -40,7 +65,8 @@ RECIPES = {
 class TrainConfig:
     """Static settings of a training run (hashable; passed to jit as static).
 
-    Fields left as ``None`` take the ``recipe`` default (see the module docstring).
+    Fields left as ``None`` (``input_scaling``: ``"recipe"``) take the ``recipe`` default;
+    ``RECIPE_FIELDS`` lists them and the module docstring gives each recipe's source.
     ``lam``, ``lr``, ``eps`` and ``theta_init`` are only the defaults of the per-SAE
     ``HParams`` (a sweep overrides them per SAE).
 
@@ -48,14 +74,25 @@ class TrainConfig:
       W_enc = W_decᵀ; on AIP-whitened inputs this is the AIP-tied SAE W_enc = S̃D of Hu et al.,
       see ``sae.model.TiedJumpReLUSAE``).
     sparsity: "l0" (GDM, on the pre-activations) | "tanh" (Anthropic).
+    log_theta: store log θ (both sources) instead of raw θ (SAELens and dictionary_learning
+      train raw θ: log θ moves by only ≈ lr·θ per Adam step, SAELens issue #494). Raw θ is
+      projected onto θ ≥ 0 after every update.
+    init: "gdm" (W_dec rows He-uniform then unit norm, W_enc = W_decᵀ) | "anthropic" (W_dec
+      entries U(−1/√d, 1/√d), W_enc = (d/M) W_decᵀ); biases 0 and θ = θ0 in both.
+    b1, b2, adam_eps, clip_norm: Adam(β1, β2, eps) after a global gradient-norm clip.
     lam_warmup_steps: λ ramps linearly 0 → λ (None: over the whole run).
     lr_warmup_steps / lr_decay_frac: lr ramps linearly up, then linearly to 0 over the last
       ``lr_decay_frac`` of ``total_steps``.
-    input_scaling: "norm2" (E‖x‖² = 1) | "sqrt_d" (E‖x‖ = √d) | None; estimated on
+    input_scaling: one scalar c with "norm2" E‖cx‖² = 1 (GDM) | "norm2_d" E‖cx‖² = d |
+      "sqrt_d" E‖cx‖ = √d (Anthropic, as SAELens ports it) | None (c = 1); estimated on
       ``scale_batches`` batches and folded back into the returned weights.
-    decoder_norm: "none" | "unit" (rows of W_dec projected onto the unit sphere after every
-      update).
-    preact_on: "dead" (Anthropic pre-activation loss only on dead latents) | "all".
+    decoder_norm: "none" | "unit" (rows of W_dec renormalised after every update, the
+      gradient untouched) | "constrained" (dictionary_learning's ConstrainedAdam: the
+      component of each row's gradient along the row is removed before clipping and Adam,
+      ``sae.step.project_out_parallel``, and rows renormalised after the update).
+    tanh_c: c of the tanh penalty.
+    preact_coef / preact_on: weight λ_P of the pre-activation loss and the latents it covers:
+      "all" (Anthropic's January 2025 update) | "dead" (SAELens's variant: dead latents only).
     dead_tokens: a latent is dead after this many tokens without firing.
     target_l0: None, or the mean L0 the run should land on: λ is then adapted during
       training by an integral controller in log space (``sae.step.train_step``):
@@ -80,23 +117,24 @@ class TrainConfig:
     lr: float | None = None
     eps: float | None = None
     theta_init: float | None = None
-    log_theta: bool = False
+    log_theta: bool | None = None
+    init: str | None = None
     apply_b_dec_to_input: bool = True
     total_steps: int = 10_000
     batch_size: int = 4096
     lr_warmup_steps: int | None = None
     lr_decay_frac: float | None = None
     lam_warmup_steps: int | None = None
-    clip_norm: float = 1.0
-    b1: float = 0.0
-    b2: float = 0.999
-    adam_eps: float = 1e-8
+    clip_norm: float | None = None
+    b1: float | None = None
+    b2: float | None = None
+    adam_eps: float | None = None
     input_scaling: str | None = "recipe"
     scale_batches: int = 8
-    decoder_norm: str = "none"
-    tanh_c: float = 4.0
+    decoder_norm: str | None = None
+    tanh_c: float | None = None
     preact_coef: float | None = None
-    preact_on: str = "dead"
+    preact_on: str | None = None
     dead_tokens: int = 10_000_000
     target_l0: float | None = None
     target_l0_rate: float = 0.001
@@ -112,20 +150,22 @@ class TrainConfig:
         check_int("d_in", self.d_in, low=1)
         check_int("width", self.width, low=1)
         check_choice("recipe", self.recipe, tuple(RECIPES))
+        check_int("total_steps", self.total_steps, low=1)
         rec = RECIPES[self.recipe]
-        for name in ("sparsity", "lam", "lr", "eps", "theta_init", "lr_warmup_steps",
-                     "lr_decay_frac", "preact_coef"):
-            if getattr(self, name) is None:
-                object.__setattr__(self, name, rec[name])
-        if self.lam_warmup_steps is None:
-            lw = rec["lam_warmup_steps"]
-            object.__setattr__(self, "lam_warmup_steps", self.total_steps if lw is None else lw)
-        if self.input_scaling == "recipe":
-            object.__setattr__(self, "input_scaling", rec["input_scaling"])
+        for name in RECIPE_FIELDS:
+            v = getattr(self, name)
+            if (v == "recipe") if name == "input_scaling" else (v is None):
+                v = rec[name]
+                if name == "lam_warmup_steps" and v is None:  # λ warmed over the whole run
+                    v = self.total_steps
+                object.__setattr__(self, name, v)
         check_choice("arch", self.arch, ARCHS)
         check_choice("sparsity", self.sparsity, ("l0", "tanh"))
-        check_choice("input_scaling", self.input_scaling, ("norm2", "sqrt_d", None))
-        check_choice("decoder_norm", self.decoder_norm, ("none", "unit"))
+        check_choice("init", self.init, ("gdm", "anthropic"))
+        if not isinstance(self.log_theta, bool):
+            raise TypeError(f"log_theta={self.log_theta!r}: expected a bool (or None: recipe)")
+        check_choice("input_scaling", self.input_scaling, ("norm2", "norm2_d", "sqrt_d", None))
+        check_choice("decoder_norm", self.decoder_norm, ("none", "unit", "constrained"))
         check_choice("preact_on", self.preact_on, ("dead", "all"))
         check_choice("matmul_dtype", self.matmul_dtype, (None, "bfloat16", "float32"))
         for n in ("total_steps", "batch_size", "steps_per_call", "log_every", "scale_batches",
@@ -161,13 +201,14 @@ class TrainConfig:
     @classmethod
     def gdm(cls, d_in: int, width: int, **kw) -> TrainConfig:
         """GDM / Gemma Scope recipe (Rajamanoharan et al. 2024): L0 penalty, ε = 1e-3,
-        θ0 = 1e-3, E‖x‖² = 1."""
+        log θ with θ0 = 1e-3, Adam β1 = 0, unit decoder rows (constrained), E‖cx‖² = 1."""
         return cls(d_in=d_in, width=width, recipe="gdm", **kw)
 
     @classmethod
     def anthropic(cls, d_in: int, width: int, **kw) -> TrainConfig:
-        """Anthropic (Jan 2025) recipe: tanh penalty c = 4, pre-act loss 3e-6 on dead latents,
-        ε = 2, θ0 = 0.1, E‖x‖ = √d, λ warmed over the run, lr decayed over the last 20%."""
+        """Anthropic (Jan 2025) recipe: tanh penalty c = 4, pre-act loss 3e-6 on all latents,
+        ε = 2, log θ with θ0 = 0.1, Anthropic init, Adam(0.9, 0.999), E‖cx‖ = √d, λ warmed
+        over the run, lr decayed over the last 20%."""
         return cls(d_in=d_in, width=width, recipe="anthropic", **kw)
 
     def to_dict(self) -> dict:

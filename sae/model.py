@@ -1,6 +1,6 @@
 """Sparse-autoencoder models: JumpReLU (GDM / Anthropic recipes) and TopK, in Flax NNX.
 
-Notation (../shared/papers/jumprelu.md, Rajamanoharan et al. 2024, arXiv 2407.14435):
+Notation (Rajamanoharan et al. 2024, "Jumping Ahead", arXiv 2407.14435):
     x ∈ R^d (one activation), M latents, parameters
         W_enc (d, M), b_enc (M,), W_dec (M, d), b_dec (d,), threshold θ (M,) > 0.
     π(x) = (x − b_dec·[apply_b_dec_to_input]) W_enc + b_enc        pre-activations (eq. 1)
@@ -52,7 +52,7 @@ __all__ = [
 # Straight-through JumpReLU / Heaviside with rectangle-kernel pseudo-derivatives
 # --------------------------------------------------------------------------------------
 def rectangle(u: Array) -> Array:
-    """Rectangle kernel K(u) = 1[−½ < u < ½] (jumprelu.md, §"Straight-through")."""
+    """Rectangle kernel K(u) = 1[−½ < u < ½] (Rajamanoharan et al. 2024, eq. 10)."""
     return ((u > -0.5) & (u < 0.5)).astype(u.dtype)
 
 
@@ -221,12 +221,29 @@ class LossParts(NamedTuple):
     fired: Array
 
 
-def _init_weights(key, d, M, dtype):
-    """GDM init (jumprelu.md): W_dec rows He-uniform then unit norm; W_enc = W_decᵀ."""
-    bound = math.sqrt(6.0 / M)  # He-uniform with fan_in = M (decoder input dim)
-    w_dec = jax.random.uniform(key, (M, d), jnp.float32, -bound, bound)
-    w_dec = w_dec / jnp.linalg.norm(w_dec, axis=1, keepdims=True)
-    return w_dec.T.astype(dtype), w_dec.astype(dtype)
+INITS = ("gdm", "anthropic")
+
+
+def _init_weights(key, d, M, dtype, init: str = "gdm"):
+    """(W_enc (d, M), W_dec (M, d)) at initialisation.
+
+    ``init="gdm"`` (Rajamanoharan et al. 2024 / Gemma Scope): W_dec rows He-uniform
+    (fan_in = M), then unit norm; W_enc = W_decᵀ.
+    ``init="anthropic"`` (Anthropic's January 2025 circuits update, with its erratum: the
+    bound is 1/√n, n = d the input dimension): W_dec entries U(−1/√d, 1/√d), so rows have
+    norm ≈ 1/√3; W_enc = (d/M) W_decᵀ (the factor n/m of the update as ported in the public
+    model-diffing code, ``jan_update_init.py``).
+    """
+    if init == "gdm":
+        bound = math.sqrt(6.0 / M)  # He-uniform with fan_in = M (decoder input dim)
+        w_dec = jax.random.uniform(key, (M, d), jnp.float32, -bound, bound)
+        w_dec = w_dec / jnp.linalg.norm(w_dec, axis=1, keepdims=True)
+        return w_dec.T.astype(dtype), w_dec.astype(dtype)
+    if init == "anthropic":
+        bound = 1.0 / math.sqrt(d)
+        w_dec = jax.random.uniform(key, (M, d), jnp.float32, -bound, bound)
+        return (w_dec.T * (d / M)).astype(dtype), w_dec.astype(dtype)
+    raise ValueError(f"init={init!r}: expected one of {INITS}")
 
 
 class _SAEBase(nnx.Module):
@@ -274,11 +291,13 @@ class _SAEBase(nnx.Module):
         return sse / x.shape[0], sse, sst
 
 
-def _init_dictionary(module, rngs, d_in, width, apply_b_dec_to_input, dtype):
-    """Shared SAE parameters: GDM init of W_enc/W_dec (see ``_init_weights``), zero biases."""
+def _init_dictionary(module, rngs, d_in, width, apply_b_dec_to_input, dtype, init="gdm"):
+    """Shared SAE parameters: W_enc/W_dec by ``_init_weights(init)``, zero biases."""
+    if init not in INITS:
+        raise ValueError(f"init={init!r}: expected one of {INITS}")
     module.d_in, module.width = d_in, width
     module.apply_b_dec_to_input = bool(apply_b_dec_to_input)
-    w_enc, w_dec = _init_weights(rngs.params(), d_in, width, dtype)
+    w_enc, w_dec = _init_weights(rngs.params(), d_in, width, dtype, init)
     module.W_enc = nnx.Param(w_enc)
     module.W_dec = nnx.Param(w_dec)
     module.b_enc = nnx.Param(jnp.zeros((width,), dtype))
@@ -292,22 +311,25 @@ class JumpReLUSAE(_SAEBase):
       d_in: input width d.  width: number of latents M.
       rngs: ``nnx.Rngs`` (uses ``rngs.params()``).
       theta_init: initial per-latent threshold (GDM 0.001; Anthropic recipe 0.1).
-      log_theta: store θ as log θ (SAELens-style) instead of raw θ (default raw: log θ barely
-        moves under Adam, SAELens PR #718).
+      log_theta: store t = log θ (as GDM's and Anthropic's code do; θ = exp(t), gradients
+        by the chain rule through exp) instead of raw θ (SAELens and dictionary_learning:
+        under Adam log θ moves by only ≈ lr·θ per step, SAELens issue #494). The module
+        default is raw θ; ``TrainConfig`` recipes set it.
+      init: "gdm" | "anthropic" initialisation of W_enc/W_dec (``_init_weights``).
       apply_b_dec_to_input: subtract b_dec from x before encoding (eq. 1).
       dtype: parameter dtype (float32 default).
-    Init (jumprelu.md): W_dec rows He-uniform then unit-norm, W_enc = W_decᵀ, biases 0.
+    Biases start at 0, θ at ``theta_init``.
     """
 
     def __init__(self, d_in: int, width: int, *, rngs: nnx.Rngs, theta_init=0.001,
-                 log_theta: bool = False, apply_b_dec_to_input: bool = True,
+                 log_theta: bool = False, init: str = "gdm", apply_b_dec_to_input: bool = True,
                  dtype=jnp.float32):
         check_int("d_in", d_in, low=1)
         check_int("width", width, low=1)
         if not isinstance(theta_init, jax.core.Tracer):
             check_scalar("theta_init", theta_init, low=0.0, low_open=True)
         self.log_theta = bool(log_theta)
-        _init_dictionary(self, rngs, d_in, width, apply_b_dec_to_input, dtype)
+        _init_dictionary(self, rngs, d_in, width, apply_b_dec_to_input, dtype, init)
         t0 = jnp.full((width,), theta_init, jnp.float32)
         self.theta = nnx.Param((jnp.log(t0) if self.log_theta else t0).astype(dtype))
 
@@ -328,7 +350,7 @@ class JumpReLUSAE(_SAEBase):
 
         ``sparsity="l0"`` (GDM, Rajamanoharan et al. eq. 4, L0 on pre-activations):
             L = ‖x − x̂‖² + λ Σ_i H(π_i − θ_i)
-        ``sparsity="tanh"`` (Anthropic Jan 2025 update; reconstructed from jumprelu.md):
+        ``sparsity="tanh"`` (Anthropic's January 2025 circuits update, L_S and L_P):
             L = ‖x − x̂‖² + λ Σ_i tanh(c · f_i · ‖d_i‖) + c_p Σ_i ReLU(θ_i − π_i) ‖d_i‖ · m_i
         where m_i = ``preact_mask`` (e.g. dead latents; all ones when None).
         """
@@ -365,7 +387,7 @@ class TopKSAE(_SAEBase):
     The AuxK dead-latent loss of Gao et al. is not implemented.
     """
 
-    def __init__(self, d_in: int, width: int, k: int, *, rngs: nnx.Rngs,
+    def __init__(self, d_in: int, width: int, k: int, *, rngs: nnx.Rngs, init: str = "gdm",
                  apply_b_dec_to_input: bool = True, dtype=jnp.float32):
         check_int("d_in", d_in, low=1)
         check_int("width", width, low=1)
@@ -373,7 +395,7 @@ class TopKSAE(_SAEBase):
         if k > width:
             raise ValueError(f"k must be ≤ width, got k={k}, width={width}")
         self.k = k
-        _init_dictionary(self, rngs, d_in, width, apply_b_dec_to_input, dtype)
+        _init_dictionary(self, rngs, d_in, width, apply_b_dec_to_input, dtype, init)
 
     @property
     def threshold(self) -> Array:
@@ -408,10 +430,10 @@ class TiedJumpReLUSAE(JumpReLUSAE):
     """
 
     def __init__(self, d_in: int, width: int, *, rngs: nnx.Rngs, theta_init=0.001,
-                 log_theta: bool = False, apply_b_dec_to_input: bool = True,
+                 log_theta: bool = False, init: str = "gdm", apply_b_dec_to_input: bool = True,
                  dtype=jnp.float32):
         super().__init__(d_in, width, rngs=rngs, theta_init=theta_init, log_theta=log_theta,
-                         apply_b_dec_to_input=apply_b_dec_to_input, dtype=dtype)
+                         init=init, apply_b_dec_to_input=apply_b_dec_to_input, dtype=dtype)
         del self.W_enc
 
     def _w_enc(self) -> Array:

@@ -6,12 +6,15 @@ states and hyper-parameters with the batch broadcast (``in_axes=None``).
     state, metrics = train_step(graphdef, state, batch (B, d), hp, config)
     state, metrics (k, …), finite = train_chunk(graphdef, state, chunk (k, B, d), hp, config)
 
-The optimiser (``optimizer``) is ``optax.chain(clip_by_global_norm, Adam direction,
-scale_by_learning_rate(schedule))``; with β1 = 0 (the GDM recipe) the Adam direction is
-``optax.scale_by_rms(decay=β2, eps_in_sqrt=False, bias_correction=True)`` — Adam without the
-first-moment buffer, one fewer (M, d) state array. The constraints are optax projections
-applied after ``apply_updates``: θ ≥ 0 (``projection_non_negative``) and, optionally, unit
-decoder rows (``projection_l2_sphere`` per row).
+The optimiser (``optimizer``) is ``optax.chain([project_out_parallel,] clip_by_global_norm,
+Adam direction, scale_by_learning_rate(schedule))``; with β1 = 0 (the GDM recipe) the Adam
+direction is ``optax.scale_by_rms(decay=β2, eps_in_sqrt=False, bias_correction=True)`` —
+Adam without the first-moment buffer, one fewer (M, d) state array. The constraints are optax
+projections applied after ``apply_updates``: θ ≥ 0 (``projection_non_negative``, raw θ only)
+and, with ``decoder_norm`` "unit" or "constrained", unit decoder rows
+(``projection_l2_sphere`` per row). "constrained" also removes, before clipping and Adam, the
+component of each W_dec row's gradient along that row (``project_out_parallel``) — the
+ConstrainedAdam of dictionary_learning (Marks et al.), used there for the GDM JumpReLU recipe.
 """
 from __future__ import annotations
 
@@ -26,7 +29,8 @@ from .config import HParams, TrainConfig
 from .model import JumpReLUSAE, TiedJumpReLUSAE, TopKSAE
 
 __all__ = ["TrainState", "graphdef_of", "init_state", "lam_schedule", "lr_schedule",
-           "make_model", "optimizer", "train_chunk", "train_step"]
+           "make_model", "optimizer", "project_out_parallel", "remove_parallel_component",
+           "train_chunk", "train_step"]
 
 
 class TrainState(NamedTuple):
@@ -46,12 +50,13 @@ def make_model(config: TrainConfig, key, theta_init) -> nnx.Module:
     """The NNX SAE that ``config.arch`` names, initialised from ``key``."""
     rngs = nnx.Rngs(params=key)
     if config.arch == "topk":
-        m = TopKSAE(config.d_in, config.width, config.k, rngs=rngs,
+        m = TopKSAE(config.d_in, config.width, config.k, rngs=rngs, init=config.init,
                     apply_b_dec_to_input=config.apply_b_dec_to_input)
     else:
         cls = TiedJumpReLUSAE if config.arch == "tied" else JumpReLUSAE
         m = cls(config.d_in, config.width, rngs=rngs, theta_init=theta_init,
-                log_theta=config.log_theta, apply_b_dec_to_input=config.apply_b_dec_to_input)
+                log_theta=config.log_theta, init=config.init,
+                apply_b_dec_to_input=config.apply_b_dec_to_input)
     m.compute_dtype = None if config.matmul_dtype in (None, "float32") else config.matmul_dtype
     return m
 
@@ -85,23 +90,70 @@ def lam_schedule(config: TrainConfig, lam) -> optax.Schedule:
         optax.constant_schedule(lam))
 
 
+def remove_parallel_component(g, w):
+    """g − ⟨g_i, ŵ_i⟩ ŵ_i row by row, ŵ_i = w_i/‖w_i‖: the gradient of each decoder row
+    without its component along the row (the tangent space of the sphere at ŵ_i). (M, d),
+    (M, d) → (M, d). A zero row of w leaves its gradient row unchanged."""
+    n2 = jnp.sum(w * w, axis=-1, keepdims=True)
+    coef = jnp.sum(g * w, axis=-1, keepdims=True) / jnp.where(n2 > 0, n2, 1.0)
+    return g - coef * w
+
+
+def project_out_parallel(name: str = "W_dec") -> optax.GradientTransformation:
+    """Optax transformation: replace the update of parameter ``name`` (an (M, d) matrix of
+    rows) by ``remove_parallel_component(update, param)``; every other leaf passes through.
+
+    Stateless; needs ``params`` in ``update``. This is the gradient step of
+    dictionary_learning's ``ConstrainedAdam`` / ``remove_gradient_parallel_to_decoder_
+    directions`` (unit-norm decoder rows, Bricken et al. 2023): put it first in the chain and
+    renormalise the rows after ``apply_updates`` (``train_step`` does both for
+    ``decoder_norm="constrained"``). Works on any mapping with key ``name`` (a dict or an
+    ``nnx.State``); a pytree without it is returned unchanged.
+    """
+
+    def init_fn(params):
+        del params
+        return optax.EmptyState()
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError("project_out_parallel needs params: call update(g, s, params)")
+        if name not in updates:
+            return updates, state
+        out = jax.tree.map(lambda u: u, updates)  # shallow copy of the containers
+        u, w = updates[name], params[name]
+        if hasattr(u, "replace"):  # nnx.Variable leaves of an nnx.State
+            out[name] = u.replace(remove_parallel_component(u[...], w[...]))
+        else:
+            out[name] = remove_parallel_component(u, w)
+        return out, state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
 def optimizer(config: TrainConfig, lr) -> optax.GradientTransformation:
-    """clip_by_global_norm → Adam(β1, β2, ε) direction → −lr(t) (``lr_schedule``)."""
+    """[project_out_parallel (decoder_norm="constrained")] → clip_by_global_norm →
+    Adam(β1, β2, ε) direction → −lr(t) (``lr_schedule``). The projection comes before the
+    clip, as in dictionary_learning's JumpReLU trainer."""
     if config.b1 == 0:
         adam = optax.scale_by_rms(decay=config.b2, eps=config.adam_eps, eps_in_sqrt=False,
                                   bias_correction=True)
     else:
         adam = optax.scale_by_adam(b1=config.b1, b2=config.b2, eps=config.adam_eps)
-    return optax.chain(optax.clip_by_global_norm(config.clip_norm), adam,
-                       optax.scale_by_learning_rate(lr_schedule(config, lr)))
+    parts = [optax.clip_by_global_norm(config.clip_norm), adam,
+             optax.scale_by_learning_rate(lr_schedule(config, lr))]
+    if config.decoder_norm == "constrained":
+        parts.insert(0, project_out_parallel("W_dec"))
+    return optax.chain(*parts)
 
 
 def _project(params, config: TrainConfig):
-    """θ ≥ 0 (raw θ parameterisation) and, with ``decoder_norm="unit"``, unit W_dec rows."""
+    """θ ≥ 0 (raw θ parameterisation) and, with ``decoder_norm`` "unit" or "constrained",
+    unit W_dec rows."""
     if "theta" in params and not config.log_theta:
         params["theta"] = params["theta"].replace(
             optax.projections.projection_non_negative(params["theta"][...]))
-    if config.decoder_norm == "unit":
+    if config.decoder_norm in ("unit", "constrained"):
         w = params["W_dec"][...]
         params["W_dec"] = params["W_dec"].replace(
             jax.vmap(optax.projections.projection_l2_sphere)(w))

@@ -48,7 +48,8 @@ class SAEStepTest(chex.TestCase):
     @chex.variants(with_jit=True, without_jit=True)
     def test_train_step_jit_equals_eager_and_projects_theta(self):
         cfg = sae.TrainConfig(d_in=8, width=16, batch_size=32, lr=1e-2, lam=1.0, eps=0.5,
-                              theta_init=1e-3, progress=False)
+                              theta_init=1e-3, log_theta=False,  # raw θ: the projection
+                              progress=False)
         hp = sae.HParams.from_config(cfg)
         graphdef, state = init_state(cfg, hp, jax.random.key(0))
         x = jax.random.normal(jax.random.key(1), (32, 8))

@@ -26,8 +26,11 @@ def test_planted_dictionary_recovery():
     H, N, K, M = 64, 256, 4, 512
     D = sae.planted_dictionary(jax.random.key(0), H, N)
     src = sae.PlantedSource(D, K, 1024, seed=1)
+    # λ and lr were tuned under these settings (the Anthropic recipe's values before it
+    # followed its source for init, log θ, Adam β1 and the pre-activation loss)
+    old = dict(init="gdm", log_theta=False, b1=0.0, preact_on="dead")
     cfg = sae.TrainConfig.anthropic(H, M, lam=0.15, lr=3e-3, total_steps=2000, batch_size=1024,
-                                  steps_per_call=20, log_every=500, progress=False)
+                                  steps_per_call=20, log_every=500, progress=False, **old)
     res = sae.train(src, cfg)
 
     W = res.params["W_dec"] / np.linalg.norm(res.params["W_dec"], axis=1, keepdims=True)

@@ -115,6 +115,7 @@ def ours_config(args, d, lam):
                            total_steps=args.steps, batch_size=args.batch,
                            lr_warmup_steps=args.lr_warmup, lam_warmup_steps=args.lam_warmup,
                            lr_decay_frac=0.0, b1=args.b1, b2=args.b2, clip_norm=1.0,
+                           log_theta=False, decoder_norm="none",  # as SAELens trains
                            input_scaling="sqrt_d", scale_batches=args.scale_batches,
                            steps_per_call=args.steps_per_call, log_every=args.steps,
                            progress=False, seed=0)

@@ -65,3 +65,19 @@ def test_readings_bad_input():
         at.uniqueness_readings(mu, codes, rel_tols=(1.0,))
     with pytest.raises(ValueError, match="rel_tol"):
         at.l0_relative(codes, -0.1)
+
+
+def test_extra_coherence_kinds():
+    """experiments.atoms.readings.coherences: max / 99th percentile / mean of |G_ij|, j ≠ i."""
+    from experiments.atoms.readings import coherences
+
+    D = np.array([[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]], np.float32)  # atoms e1, e2, (e1+e2)/√2
+    c = coherences(D)
+    r = 1 / np.sqrt(2)
+    np.testing.assert_allclose(c["max"], [r, r, r], rtol=1e-6)
+    np.testing.assert_allclose(c["mean"], [r / 2, r / 2, r], rtol=1e-6)
+    np.testing.assert_allclose(c["p99"], [0.99 * r, 0.99 * r, r], rtol=1e-6)
+    # in the metric S = diag(1, 4) the atoms are re-normalised: G_13 = 1/√5, G_23 = 2/√5
+    cS = coherences(D, np.diag([1.0, 4.0]))
+    np.testing.assert_allclose(cS["max"], [1 / np.sqrt(5), 2 / np.sqrt(5), 2 / np.sqrt(5)],
+                               rtol=1e-6)

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo bench lint clean notebooks
+.PHONY: setup test demo bench bench-gpu lint clean notebooks
 
 setup: $(STAMP)
 
@@ -27,6 +27,11 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m experiments.benchmarks.all
+
+# one GPU, <= 6 min: SubGM sweep, SAE train step, store -> device feed; one table, exit 1 if a
+# correctness check fails (`python -m experiments.benchmarks.gpu --tiny` runs it on CPU)
+bench-gpu: $(STAMP)
+	$(BIN)/python -m experiments.benchmarks.gpu
 
 # execute every notebook at full (CPU-feasible) size; executed copies in results/notebooks/
 notebooks: $(STAMP)

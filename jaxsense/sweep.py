@@ -32,6 +32,10 @@ How it is computed
 - ``precision`` sets ``jax.default_matmul_precision`` for the run ("highest" keeps f32
   matmuls in full f32 on GPU/TPU; the default there is TF32/bf16 passes, whose rounding
   flips signs of small residuals and can floor the error). None keeps JAX's default.
+
+m changes shapes too: :func:`pad_rows` pads a problem's measurement rows to a common
+m_pad (zero rows, the real rows rescaled so the 1/m of the losses is the true m's), so runs
+over several m reuse one compiled scan (experiments/subgm/fig4.py sweeps m this way).
 """
 from __future__ import annotations
 
@@ -52,7 +56,7 @@ from .mesh import make_mesh as _make_mesh
 from jaxsense import _checks
 from jaxsense.driver import METRICS, run
 from jaxsense.init import small_random_init, spectral_sign_init
-from jaxsense.operators import make_operator
+from jaxsense.operators import DenseGaussian, RankOne, make_operator
 from jaxsense.problems import OUTLIER_DISTRIBUTIONS, make_problem
 from jaxsense.solvers import STEP_KINDS, StepRule, make_solver
 
@@ -138,6 +142,74 @@ def _instances(full, swept):
         else:
             params[name] = np.array([full[name][0]] * len(combos))
     return params, shape
+
+
+class PaddedRows(NamedTuple):
+    """A problem with its measurement rows padded from ``m`` to ``m_pad`` (:func:`pad_rows`).
+
+    op: the operator with m_pad rows; y: (..., m_pad); m: the true number of measurements;
+    scale: s = √(m_pad/m), the factor applied to the real rows of A and y."""
+
+    op: object
+    y: jax.Array
+    m: int
+    scale: float
+
+
+def pad_rows(op, y, m_pad: int) -> PaddedRows:
+    """Pad the measurement rows of (𝒜, y) from m to ``m_pad`` so that runs over several m
+    share one compiled program (shapes depend only on m_pad).
+
+    op: a :class:`~jaxsense.operators.DenseGaussian` (A: (m, d·d)) or
+    :class:`~jaxsense.operators.RankOne` (a: (m, d)); y: (..., m) (a batch of measurement
+    vectors of the same operator is fine); m_pad ≥ m. Returns :class:`PaddedRows`.
+
+    Construction: rows m…m_pad−1 are A_i = 0, y_i = 0, so their residual
+    r_i = ⟨A_i, UUᵀ⟩ − y_i is exactly 0 and they add exactly nothing to any sum over i
+    (Sign(0) = 0). The losses divide by the array length m_pad instead of m (Ma & Fattahi
+    eq. 2 has 1/m), so the real rows are scaled by s = √(m_pad/m) (A_i → s A_i, y_i → s y_i,
+    r_i → s r_i; for RankOne a_i → √s a_i). Then, in exact arithmetic:
+
+    - ℓ2 loss, its gradient and the ℓ2-RIP ratio are those of the m-row problem:
+      (1/m_pad) Σ (s r_i)² = (1/m) Σ r_i²,  (2/m_pad) Σ (s r_i)(s A_i) = (2/m) Σ r_i A_i,
+      (1/m_pad) ‖s 𝒜(M)‖² = (1/m) ‖𝒜(M)‖²  (Def. 4) — so GD with any step rule and
+      :func:`jaxsense.rip.l2_rip_constant` give the m-row results;
+    - ℓ1: Sign(s r_i) = Sign(r_i), so f_ℓ1 and Q_ℓ1 = (1/m) Σ Sign(r_i) A_i (eq. 3) come out
+      divided by s. The geometric step η ρ^t/‖Q_t‖ (eq. 10) is invariant to the scale of Q,
+      so SubGM with it runs the m-row trajectory; the recorded ℓ1 ``loss``/``q_norm`` are
+      1/s of the true ones, and a Polyak step (η/2) f needs η·s² to match.
+    - Algorithm 2 (C = (1/m) 𝒜*(Sign y)) would give U₀ scaled by s^(−1/2): compute the
+      initialisation on the unpadded problem.
+
+    Floating point: the scaled rows round differently (relative 1e-16), and that is the
+    only difference from the unpadded run; tests/test_fig4_padding.py measures it. Draw
+    the noise and outliers with the true m (before padding), so the padded problem holds
+    the same draws. Under jit, ``m_pad`` is static and op/y may be traced.
+    """
+    m_pad = _checks.check_int("m_pad", m_pad, low=1)
+    if not isinstance(op, (DenseGaussian, RankOne)):
+        raise TypeError(f"op={type(op).__name__}: expected a DenseGaussian or RankOne "
+                        "operator (rows of an entry-sampling operator cannot be zeroed)")
+    m = op.m
+    if m_pad < m:
+        raise ValueError(f"m_pad={m_pad}: expected an integer >= op.m={m}")
+    _checks.check_trailing_shape("y", y, (m,))
+    _checks.check_float_dtype("y", y, op.dtype)
+    s = float(np.sqrt(m_pad / m))
+    n = m_pad - m
+
+    def pad(x, axis):
+        widths = [(0, 0)] * x.ndim
+        widths[axis] = (0, n)
+        return jnp.pad(x, widths)
+
+    if isinstance(op, DenseGaussian):
+        new = DenseGaussian(A=pad(op.A * s, -2), d=op.d)
+        if op.B is not None:
+            new = new.with_packed()
+    else:
+        new = RankOne(a=pad(op.a * np.sqrt(s), -2))
+    return PaddedRows(op=new, y=pad(jnp.asarray(y) * s, -1), m=m, scale=s)
 
 
 class Prepared(NamedTuple):

@@ -111,3 +111,70 @@ def test_bad_inputs():
         sweep({"seed": "0"}, **SMALL)
     with pytest.raises(ValueError, match=r"num_steps=601.*record_every=50"):
         sweep({}, **{**SMALL, "num_steps": 601})
+
+
+def _padded_pair(kind, m=30, m_pad=50, d=4):
+    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(7), 3)
+    op = (js.dense_gaussian(k1, m, d, jnp.float64) if kind == "dense"
+          else js.rank_one(k1, m, d, jnp.float64))
+    y = jax.random.normal(k2, (m,), jnp.float64)
+    U = jax.random.normal(k3, (d, 2), jnp.float64)
+    return op, y, U, js.sweeps.pad_rows(op, y, m_pad)
+
+
+@pytest.mark.parametrize("kind", ["dense", "rank_one"])
+def test_pad_rows_keeps_the_m_row_problem(x64, kind):
+    """Zero rows + √(m_pad/m) scaling: ℓ2 loss/gradient and the ℓ2-RIP ratio are the m-row
+    ones; the ℓ1 sub-gradient keeps its Sign pattern and is scaled by 1/s; one geometric
+    SubGM step (eq. 10) and one constant-step GD step equal the unpadded ones."""
+    op, y, U, pr = _padded_pair(kind)
+    m, m_pad = 30, 50
+    s = np.sqrt(m_pad / m)
+    assert pr.op.m == m_pad and pr.y.shape == (m_pad,) and pr.m == m
+    np.testing.assert_allclose(pr.scale, s, rtol=1e-15)
+    assert np.all(np.asarray(pr.y[m:]) == 0.0)
+    r_pad = np.asarray(js.losses.residual(pr.op, U, pr.y))
+    assert np.all(r_pad[m:] == 0.0)  # padded rows: residual exactly 0, Sign(0) = 0
+    for kind_loss, factor in (("l2", 1.0), ("l1", 1.0 / s)):
+        f, Q = js.losses.loss_and_q(kind_loss, op, U, y)
+        fp, Qp = js.losses.loss_and_q(kind_loss, pr.op, U, pr.y)
+        np.testing.assert_allclose(fp, factor * f, rtol=1e-13)
+        np.testing.assert_allclose(Qp, factor * Q, rtol=1e-12, atol=1e-14)
+    # ℓ2-RIP ratio (1/m)‖𝒜(M)‖² of Def. 4 on random symmetric M (the adversarial ascent's
+    # gradient (2/m)𝒜*𝒜(M) is the ℓ2 Q above with y = 0)
+    M = jax.random.normal(jax.random.PRNGKey(1), (5, 4, 4), jnp.float64)
+    M = M + jnp.swapaxes(M, -1, -2)
+    ratio = jnp.sum(op.apply(M) ** 2, -1) / m
+    ratio_p = jnp.sum(pr.op.apply(M) ** 2, -1) / m_pad
+    np.testing.assert_allclose(ratio_p, ratio, rtol=1e-13)
+    # one SubGM step (geometric, scale-free in Q) and one GD step (ℓ2, constant) agree
+    for solver in (js.subgm(js.geometric(0.2, 0.99)), js.gd(js.constant(0.01))):
+        st = solver.init(U)
+        a, _ = solver.update(st, op, y)
+        b, _ = solver.update(st, pr.op, pr.y)
+        np.testing.assert_allclose(b.U, a.U, rtol=1e-12)
+        assert not np.allclose(a.U, U)  # the step moved U
+
+
+def test_pad_rows_batched_y_and_packed(x64):
+    op, y, U, _ = _padded_pair("dense")
+    ys = jnp.stack([y, 2 * y])
+    pr = js.sweeps.pad_rows(op, ys, 64)
+    assert pr.y.shape == (2, 64) and pr.op.B is not None and pr.op.B.shape[0] == 64
+    np.testing.assert_allclose(pr.y[1, :30], 2 * pr.y[0, :30], rtol=1e-15)
+    same = js.sweeps.pad_rows(op, y, 30)  # m_pad = m: the same problem
+    np.testing.assert_array_equal(same.op.A, op.A)
+    np.testing.assert_array_equal(same.y, y)
+
+
+def test_pad_rows_bad_inputs(x64):
+    op, y, U, _ = _padded_pair("dense")
+    with pytest.raises(ValueError, match=r"m_pad=20: expected an integer >= op.m=30"):
+        js.sweeps.pad_rows(op, y, 20)
+    with pytest.raises(TypeError, match=r"m_pad=40.0: expected an integer"):
+        js.sweeps.pad_rows(op, y, 40.0)
+    with pytest.raises(ValueError, match=r"y: expected shape \(\.\.\., 30\)"):
+        js.sweeps.pad_rows(op, y[:29], 40)
+    ent = js.entry_sampling(jax.random.PRNGKey(0), 30, 4, jnp.float64)
+    with pytest.raises(TypeError, match=r"op=EntrySampling: expected a DenseGaussian or RankOne"):
+        js.sweeps.pad_rows(ent, y, 40)

@@ -1,6 +1,7 @@
 """Fig. 4 (made an experiment) — ℓ2-RIP holds regardless of noise, yet ℓ2 fails under outliers.
 
     python -m experiments.subgm.fig4 [--seeds 5] [--steps 4000] [--out results/subgm]
+                                     [--pad {max,none}]
 
 The paper's Fig. 4 is a schematic (samples vs noise: where the ℓ2-RIP holds and where the
 ℓ2 loss fails; Prop. 5). Here, for m ∈ M_VALUES and outlier rates p ∈ P_VALUES (N(0, 100)):
@@ -13,6 +14,16 @@ alone, so the same for every p), via jaxsense.rip.l2_rip_constant: random mode =
 Reconstructed: r' = r = 3, both from the same Algorithm 2 init with α = 1e-3, GD constant
 step η = 0.005 for T/2 iterations, SubGM geometric η=0.2, ρ=0.996 for T = 4000 iterations,
 spectrum (10,5,1), float64. Per (m, seed): one operator, all p in one vmapped batch.
+
+Compile once (``--pad max``, default): every (m, seed) cell's operator and measurements are
+drawn with the true m (the same draws as an unpadded run), Algorithm 2 runs on the unpadded
+problem, then the rows are padded to max(m) by :func:`jaxsense.sweep.pad_rows` (zero rows;
+real rows scaled by √(m_pad/m), which makes the ℓ2 loss, its gradient and the ℓ2-RIP ratio
+exactly the m-row ones and leaves SubGM's geometric step, eq. 10, unchanged). The RIP
+estimator and both solver scans then see one shape and compile once for all m instead of
+once per m; small m pay for it with padded rows of compute. ``--pad none`` runs at the true
+shapes (one compilation per m). tests/test_fig4_padding.py checks padded == unpadded for
+two m and that the second m compiles nothing of the estimator or the scans.
 """
 from __future__ import annotations
 
@@ -32,29 +43,61 @@ ALPHA = 1e-3
 RIP_K = 2 * S.R
 
 
-def compute(seeds: int = 5, steps: int = 4000, m_values=M_VALUES, p_values=P_VALUES,
-            rip_samples: int = 1024, adv_samples: int = 64, adv_steps: int = 30) -> dict:
+PADS = ("max", "none")
+
+
+def cell(m: int, seed: int, steps: int = 4000, p_values=P_VALUES, m_pad: int | None = None,
+         rip_samples: int = 1024, adv_samples: int = 64, adv_steps: int = 30) -> dict:
+    """One (m, seed) cell of the figure: the empirical ℓ2-RIP δ_2r of 𝒜 (random and
+    adversarial, Def. 4) and the final ‖UUᵀ − X*‖_F/‖X*‖_F of GD-ℓ2 (T/2 steps) and
+    SubGM-ℓ1 (T steps) for every p (one vmapped batch each).
+
+    ``m_pad``: None runs at the true shapes (m rows); an int ≥ m pads the rows to m_pad with
+    :func:`jaxsense.sweep.pad_rows` after drawing everything with the true m, so every m
+    with the same m_pad reuses the compiled estimator and scans. ``adv_samples=0`` skips
+    the adversarial estimate (NaN).
+    Returns {"delta_random": float, "delta_adversarial": float,
+             "GD-ℓ2": (P,) array, "SubGM-ℓ1": (P,) array}.
+    """
     P = len(p_values)
-    gd_steps = max(1, steps // 2)
+    T_gd = max(1, steps // 2)
     sub = base.geometric_batch([S.ETA] * P, [S.RHO] * P)
     gd = js.gd(js.constant(S.GD_ETA))
+    op, truth, k_noise, k_init = base.seed_instance(seed, m=m)
+    ys = jnp.stack([base.measurements(op, truth, k_noise, p=p) for p in p_values])
+    U0 = jnp.stack([js.spectral_sign_init(op, y, S.R, ALPHA) for y in ys])  # true-m Algorithm 2
+    if m_pad is not None:
+        op, ys, _, _ = js.sweeps.pad_rows(op, ys, m_pad)
+    k_rip = jax.random.fold_in(k_init, 1)
+    out = {"delta_random": float(js.rip.l2_rip_constant(op, k_rip, RIP_K, rip_samples).delta),
+           "delta_adversarial": float("nan") if adv_samples == 0 else float(
+               js.rip.l2_rip_constant(op, k_rip, RIP_K, adv_samples, mode="adversarial",
+                                      steps=adv_steps).delta)}
+    for name, solver, T, axes in (("GD-ℓ2", gd, T_gd, {"U0": 0, "y": 0}),
+                                  ("SubGM-ℓ1", sub, steps, {"solver": 0, "U0": 0, "y": 0})):
+        res = js.run(solver, U0, op, ys, truth, num_steps=T, record_every=T,
+                     metrics=("rel_fro_error",), in_axes=axes)
+        out[name] = np.asarray(res.final["rel_fro_error"])
+    return out
+
+
+def compute(seeds: int = 5, steps: int = 4000, m_values=M_VALUES, p_values=P_VALUES,
+            rip_samples: int = 1024, adv_samples: int = 64, adv_steps: int = 30,
+            pad: str = "max") -> dict:
+    if pad not in PADS:
+        raise ValueError(f"pad={pad!r}: expected one of {PADS}")
+    P = len(p_values)
+    gd_steps = max(1, steps // 2)
+    m_pad = max(m_values) if pad == "max" else None
     shape = (len(m_values), seeds)
     d_rand, d_adv = np.zeros(shape), np.zeros(shape)
     err = {"GD-ℓ2": np.zeros(shape + (P,)), "SubGM-ℓ1": np.zeros(shape + (P,))}
     for i, m in enumerate(m_values):
         for s in range(seeds):
-            op, truth, k_noise, k_init = base.seed_instance(s, m=m)
-            k_rip = jax.random.fold_in(k_init, 1)
-            d_rand[i, s] = float(js.rip.l2_rip_constant(op, k_rip, RIP_K, rip_samples).delta)
-            d_adv[i, s] = float(js.rip.l2_rip_constant(op, k_rip, RIP_K, adv_samples, mode="adversarial",
-                                                       steps=adv_steps).delta)
-            ys = jnp.stack([base.measurements(op, truth, k_noise, p=p) for p in p_values])
-            U0 = jnp.stack([js.spectral_sign_init(op, y, S.R, ALPHA) for y in ys])
-            for name, solver, T, axes in (("GD-ℓ2", gd, gd_steps, {"U0": 0, "y": 0}),
-                                          ("SubGM-ℓ1", sub, steps, {"solver": 0, "U0": 0, "y": 0})):
-                res = js.run(solver, U0, op, ys, truth, num_steps=T, record_every=T,
-                             metrics=("rel_fro_error",), in_axes=axes)
-                err[name][i, s] = res.final["rel_fro_error"]
+            c = cell(m, s, steps, p_values, m_pad, rip_samples, adv_samples, adv_steps)
+            d_rand[i, s], d_adv[i, s] = c["delta_random"], c["delta_adversarial"]
+            for name in err:
+                err[name][i, s] = c[name]
     success = {k: (v <= THRESHOLD).mean(1) for k, v in err.items()}  # (M, P)
     return {"m": list(m_values), "p": list(p_values), "delta_random": d_rand, "delta_adversarial": d_adv,
             "rel_error": err, "success": success, "threshold": THRESHOLD,
@@ -63,6 +106,9 @@ def compute(seeds: int = 5, steps: int = 4000, m_values=M_VALUES, p_values=P_VAL
                          "subgm": {"eta": S.ETA, "rho": S.RHO, "steps": steps},
                          "rip": {"random_samples": rip_samples, "adversarial_samples": adv_samples,
                                  "adversarial_steps": adv_steps, "estimator": "jaxsense.rip.l2_rip_constant"},
+                         "padding": {"mode": pad, "m_pad": m_pad,
+                                     "rule": "zero rows to max m, real rows and y scaled by "
+                                             "sqrt(m_pad/m) (jaxsense.sweep.pad_rows)"},
                          "outliers": "N(0, 100)", "seeds": list(range(seeds)), "spectrum": S.SPECTRUM,
                          "dtype": "float64", "init": "Algorithm 2",
                          "reconstructed": ["m grid", "p grid", "r_search", "alpha", "gd eta", "steps",
@@ -128,8 +174,15 @@ def claims(data: dict):
     return rows
 
 
+def _extra(ap):
+    ap.add_argument("--pad", choices=PADS, default="max",
+                    help="max: pad the rows of every m to max(m) and compile once (default); "
+                         "none: true shapes, one compilation per m")
+
+
 def main(argv=None, out=None) -> dict:
-    return base.cli("fig4", __doc__, compute, plot, summary, argv, out, default_steps=4000)
+    return base.cli("fig4", __doc__, compute, plot, summary, argv, out, default_steps=4000,
+                    extra=_extra)
 
 
 if __name__ == "__main__":

@@ -1,35 +1,70 @@
 """Run every SubGM figure and write results/subgm/claims.md (claim → measured number → verdict).
 
     python -m experiments.subgm.all [--seeds 5] [--out results/subgm] [--only fig1a,fig6]
-                                    [--steps-scale 1.0]
+                                    [--steps-scale 1.0] [--keep-runs 3]
 
 Runs fig1a, fig1b (with the slow-schedule panel, --slow-steps 24000), fig1c, fig2, fig3a,
 fig3b, fig4, fig5, fig6, fig7 with their default (paper-sized) settings, each writing
-<fig>.png and <fig>.json, then collects each script's ``claims(data)`` rows into claims.md,
-together with the wall time of every figure. ``--steps-scale`` multiplies every figure's
-default iteration count (e.g. 0.1 for a smoke run; the verdicts are then not meaningful).
-A claim the measurement contradicts is reported as contradicted, never tuned away.
+<fig>.png and <fig>.json, then collects each script's ``claims(data)`` rows into claims.md
+and summary.json, with the wall, compile and run time of every figure (compile time: the
+sum of JAX's own compile events — tracing, lowering, XLA compile — while the figure ran,
+see :mod:`experiments.subgm.timing`; run time = wall − compile). ``--steps-scale``
+multiplies every figure's default iteration count (e.g. 0.1 for a smoke run; the verdicts
+are then not meaningful). A claim the measurement contradicts is reported as contradicted,
+never tuned away.
+
+Nothing is lost, even when a run fails: the run is written into a staging folder
+``<out>.runs/<run id>/`` that starts as a copy of the current results (so figures this run
+does not redo, and files other commands wrote there, are kept), and ``<out>`` — a symbolic
+link to the published run — is replaced only after every figure, claims.md and
+summary.json are written, by one ``os.replace`` of the link (atomic: a reader sees the old
+run or the new one). A failed or interrupted run leaves ``<out>`` byte-identical and says
+where its partial folder is. The first run over a plain folder ``<out>`` (from before this
+layout) moves that folder to ``<out>.runs/legacy-<id>`` and links ``<out>`` in its place:
+two renames, the only moment ``<out>`` briefly does not exist. The ``--keep-runs`` newest
+complete runs are kept (the published one always); older complete runs are deleted,
+partial and legacy folders never. Single-figure commands (``python -m
+experiments.subgm.fig4``) write their own files atomically into the published run through
+the link.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
+import os
+import secrets
+import shutil
+import sys
 import time
+from pathlib import Path
 
 from experiments import cli, common
 from experiments.subgm import base
 from experiments.subgm import settings as S
+from experiments.subgm.timing import CompileClock
 
 FIGURES = ("fig1a", "fig1b", "fig1c", "fig2", "fig3a", "fig3b", "fig4", "fig5", "fig6", "fig7")
 DEFAULT_STEPS = {"fig1a": S.T, "fig1b": S.T, "fig1c": S.T, "fig2": S.T, "fig3a": S.T, "fig3b": S.T,
                  "fig4": 4000, "fig5": S.EXPECTED_T, "fig6": S.FIG6_T, "fig7": S.FIG7_T}
+SUMMARY = "summary.json"
 
 
 def _steps(name, scale):
     return max(10, round(DEFAULT_STEPS[name] * scale / 10) * 10)
 
 
-def write_claims(rows, timings, path, total_s, seeds, reduced=None):
+def _timing_cells(t) -> tuple:
+    """(wall, compile, run, compiles) of a timing entry (a dict, or plain wall seconds)."""
+    if isinstance(t, dict):
+        return t["wall_s"], t.get("compile_s"), t.get("run_s"), t.get("n_compiles")
+    return t, None, None, None
+
+
+def write_claims(rows, timings, path, total_s, seeds, reduced=None, carried=None):
+    """claims.md: the rows, the notes of settings.py and the time table. ``timings``:
+    figure -> wall seconds or a :class:`~experiments.subgm.timing.CompileClock` dict;
+    ``carried``: figure -> run id, figures whose rows come from an earlier run."""
     lines = ([f"**{reduced}: the verdicts below are not meaningful.**", ""] if reduced else []) + [
         "# SubGM paper (Ma & Fattahi, JMLR 2023): claims vs measurements",
         "",
@@ -38,53 +73,188 @@ def write_claims(rows, timings, path, total_s, seeds, reduced=None):
          "and experiments/subgm/settings.py). Verdicts are computed from the numbers by fixed rules "
          "in each script's `claims()`; a contradicted claim is reported as such."),
         "",
-        "| fig | claim | measured | verdict |",
-        "|---|---|---|---|",
     ]
+    if carried:
+        lines += ["Rows of figures not re-run here come from earlier runs: "
+                  + ", ".join(f"{k} (run {v})" for k, v in carried.items()) + ".", ""]
+    lines += ["| fig | claim | measured | verdict |", "|---|---|---|---|"]
     for r in rows:
         cells = [str(r[k]).replace("|", "\\|").replace("\n", " ") for k in ("fig", "claim", "measured", "verdict")]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "## Notes: reconstructed constants and what was measured to choose them", ""]
     lines += [S.NOTES.strip(), ""]
-    lines += ["", "## Wall time (s)", "", "| figure | wall s |", "|---|---|"]
-    lines += [f"| {k} | {v:.1f} |" for k, v in timings.items()]
-    lines += [f"| **total** | **{total_s:.1f}** |", ""]
+    lines += ["", "## Time per figure (s)", "",
+              "Compile = JAX's compile events (trace + lower + XLA compile) while the figure ran; "
+              "run = wall − compile.", "",
+              "| figure | wall s | compile s | run s | compilations |", "|---|---|---|---|---|"]
+
+    def num(v, f="{:.1f}"):
+        return "–" if v is None else f.format(v)
+
+    for k, v in timings.items():
+        w, c, r, n = _timing_cells(v)
+        lines.append(f"| {k} | {num(w)} | {num(c)} | {num(r)} | {num(n, '{}')} |")
+    lines += [f"| **total** | **{total_s:.1f}** | | | |", ""]
     return common.atomic_write_bytes(path, "\n".join(lines).encode())
+
+
+# ---------------------------------------------------------------------------- run folders
+def runs_dir(out: Path) -> Path:
+    """The folder holding every run of ``out``: ``<out>.runs`` next to it."""
+    return out.parent / f"{out.name}.runs"
+
+
+def _read_summary(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / SUMMARY).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def stage_run(out: Path, run_id: str) -> tuple[Path, dict]:
+    """Create ``<out>.runs/<run_id>`` as a copy of the current results (if any; claims.md
+    and summary.json are rebuilt, not copied); returns (staging folder,
+    {file name: inode} of the copied files)."""
+    stage = runs_dir(out) / run_id
+    stage.mkdir(parents=True)
+    copied = {}
+    if out.is_dir():
+        for f in sorted(out.iterdir()):
+            if f.is_file() and not f.name.startswith(".") and f.name not in ("claims.md", SUMMARY):
+                shutil.copy2(f, stage / f.name)
+                copied[f.name] = (stage / f.name).stat().st_ino
+    return stage, copied
+
+
+def publish(stage: Path, out: Path) -> Path | None:
+    """Make ``out`` a link to ``stage`` with one atomic ``os.replace`` of the link. A plain
+    folder at ``out`` is first moved to ``<out>.runs/legacy-<stage name>`` (returned)."""
+    from sae._atomic import fsync_dir
+
+    parent = out.parent
+    tmp_link = parent / f".{out.name}.link-{stage.name}"
+    os.symlink(os.path.relpath(stage, parent), tmp_link)
+    legacy = None
+    try:
+        if out.exists() and not out.is_symlink():
+            legacy = runs_dir(out) / f"legacy-{stage.name}"
+            os.rename(out, legacy)
+        os.replace(tmp_link, out)
+    except BaseException:
+        if tmp_link.is_symlink():
+            tmp_link.unlink()
+        raise
+    fsync_dir(parent)
+    return legacy
+
+
+def prune_runs(out: Path, keep: int) -> list[Path]:
+    """Delete the complete runs (summary.json with "complete": true) beyond the ``keep``
+    newest, never the published one; partial and legacy folders are never touched."""
+    current = out.resolve() if out.is_symlink() else None
+    done = []
+    for f in runs_dir(out).iterdir():
+        s = _read_summary(f) if f.is_dir() and not f.is_symlink() else None
+        if s and s.get("complete") and f.name == s.get("run_id"):
+            done.append((s.get("finished_unix", 0.0), f))
+    done.sort(reverse=True)
+    removed = []
+    for _, f in done[keep:]:
+        if current is not None and f.resolve() == current:
+            continue
+        shutil.rmtree(f)
+        removed.append(f)
+    return removed
+
+
+# ---------------------------------------------------------------------------- the run
+def run_figures(names, stage: Path, seeds: int, steps_scale: float) -> dict:
+    """Run each figure into ``stage``; returns {name: {"data", "rows", "timing"}}."""
+    done = {}
+    for name in names:
+        mod = importlib.import_module(f"experiments.subgm.{name}")
+        argv_fig = ["--seeds", str(seeds), "--out", str(stage), "--steps", str(_steps(name, steps_scale))]
+        if name == "fig1b":
+            argv_fig += ["--slow-steps", str(_steps("fig1b", steps_scale) * S.SLOW_T // S.T)]
+        print(f"== {name} ==", flush=True)
+        with CompileClock() as clock:
+            data = mod.main(argv_fig)
+        t = clock.as_dict()
+        t["compiles_by_function"] = dict(clock.by_function.most_common(8))
+        print(f"-- {name}: wall {t['wall_s']:.1f}s = compile {t['compile_s']:.1f}s "
+              f"({t['n_compiles']} compilations) + run {t['run_s']:.1f}s", flush=True)
+        done[name] = {"data": data, "rows": mod.claims(data), "timing": t}
+    return done
 
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m experiments.subgm.all", description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=cli.pos_int, default=5, help="seeds per figure (paper: 5)")
-    ap.add_argument("--out", default="results/subgm")
+    ap.add_argument("--out", default="results/subgm",
+                    help="published results: a link to the newest complete run in <out>.runs/")
     ap.add_argument("--only", type=cli.choice_list(FIGURES), default=list(FIGURES),
                     help="comma-separated subset of " + ",".join(FIGURES))
     ap.add_argument("--steps-scale", type=cli.pos_float, default=1.0,
                     help="multiplies every figure's iteration count (< 1: a reduced run, "
                          "marked as such in each JSON, plot and claims.md)")
+    ap.add_argument("--keep-runs", type=cli.pos_int, default=3,
+                    help="complete runs kept in <out>.runs/ (the published one always)")
     args = ap.parse_args(argv)
     names = args.only
+    out = Path(args.out)
+    run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
+    previous = _read_summary(out) if out.is_dir() else None
+    stage, copied = stage_run(out, run_id)
+    print(f"staging run {run_id} in {stage}", flush=True)
     t0 = time.time()
-    rows, timings, results = [], {}, {}
-    for name in names:
-        mod = importlib.import_module(f"experiments.subgm.{name}")
-        argv_fig = ["--seeds", str(args.seeds), "--out", args.out, "--steps", str(_steps(name, args.steps_scale))]
-        if name == "fig1b":
-            argv_fig += ["--slow-steps", str(_steps("fig1b", args.steps_scale) * S.SLOW_T // S.T)]
-        print(f"== {name} ==", flush=True)
-        t1 = time.time()
-        data = mod.main(argv_fig)
-        timings[name] = time.time() - t1
-        results[name] = data
-        rows.extend(mod.claims(data))
-    total = time.time() - t0
-    path = common.out_dir(root=args.out) / "claims.md"
-    reduced = base.reduced_note({"seeds": args.seeds, "steps_scale": args.steps_scale},
-                                {"seeds": 5, "steps_scale": 1.0})
-    write_claims(rows, timings, path, total, args.seeds, reduced)
-    print(f"wrote {path}; total wall time {total:.1f}s")
+    current = None
+    try:
+        done = {}
+        for current in names:
+            done.update(run_figures([current], stage, args.seeds, args.steps_scale))
+        current = "claims.md/summary.json"
+        total = time.time() - t0
+        reduced = base.reduced_note({"seeds": args.seeds, "steps_scale": args.steps_scale},
+                                    {"seeds": 5, "steps_scale": 1.0})
+        figures = {}
+        for name in FIGURES:  # paper order; figures not re-run come from the previous run
+            if name in done:
+                figures[name] = {"run_id": run_id, "rows": done[name]["rows"],
+                                 "timing": done[name]["timing"]}
+            elif previous and name in previous.get("figures", {}):
+                figures[name] = previous["figures"][name]
+        carried = {k: v["run_id"] for k, v in figures.items() if k not in done}
+        rows = [r for v in figures.values() for r in v["rows"]]
+        timings = {k: v["timing"] for k, v in figures.items() if k in done}
+        write_claims(rows, timings, stage / "claims.md", total, args.seeds, reduced, carried)
+        kept = sorted(f for f, ino in copied.items()
+                      if (stage / f).exists() and (stage / f).stat().st_ino == ino)
+        summary = {"run_id": run_id, "complete": True, "argv": list(argv if argv is not None else sys.argv[1:]),
+                   "seeds": args.seeds, "steps_scale": args.steps_scale, "reduced": reduced,
+                   "figures_run": list(done), "figures": figures, "carried_from_previous": carried,
+                   "files_kept_from_previous": kept, "total_s": total, "finished_unix": time.time(),
+                   "timing_method": ("compile_s = sum of jax.monitoring compile events (jaxpr trace "
+                                     "+ MLIR lowering + XLA backend compile) while the figure ran; "
+                                     "run_s = wall_s - compile_s")}
+        common.save_json(stage / SUMMARY, summary)
+    except BaseException as e:
+        print(f"\nrun {run_id} stopped at {current} ({type(e).__name__}: {e}); {out} is untouched; "
+              f"the partial run is in {stage}", file=sys.stderr, flush=True)
+        raise
+    legacy = publish(stage, out)
+    if legacy is not None:
+        print(f"moved the previous plain folder {out} to {legacy}")
+    removed = prune_runs(out, args.keep_runs)
+    print(f"published {out} -> {stage}; total wall time {total:.1f}s"
+          + (f"; removed old runs {', '.join(p.name for p in removed)}" if removed else ""))
+    print(f"{'figure':8s} {'wall s':>8s} {'compile s':>10s} {'run s':>8s} {'compiles':>9s}")
+    for name in done:
+        t = done[name]["timing"]
+        print(f"{name:8s} {t['wall_s']:8.1f} {t['compile_s']:10.1f} {t['run_s']:8.1f} {t['n_compiles']:9d}")
     for r in rows:
         print(f"[{r['verdict']}] {r['fig']}: {r['claim']}")
-    return {"rows": rows, "timings": timings, "total_s": total, "results": results}
+    return {"rows": rows, "timings": timings, "total_s": total, "run_id": run_id, "stage": stage,
+            "results": {k: v["data"] for k, v in done.items()}}
 
 
 if __name__ == "__main__":

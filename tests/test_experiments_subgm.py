@@ -3,6 +3,7 @@ import json
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import jaxsense as js
 from experiments.subgm import all as subgm_all
@@ -65,3 +66,32 @@ def test_fig6_main_writes_files_and_learns_larger_eigenvalues_first(tmp_path):
     path = subgm_all.write_claims(rows, {"fig6": data["wall_s"]}, tmp_path / "claims.md", data["wall_s"], 5)
     text = path.read_text()
     assert "| 6 | incremental learning" in text and "supported" in text
+
+
+def test_fig1c_per_alpha_schedule_is_tuned_on_held_out_seeds(x64):
+    """ρ per α = argmin over the grid of the worst held-out final error; both schedules run
+    on the same problems and inits (where they pick the same ρ, the curves coincide)."""
+    from experiments.subgm import fig1c
+
+    grid = (0.95, S.RHO)
+    data = fig1c.compute(seeds=1, steps=300, tune_seeds=2, rho_grid=grid)
+    t = data["tuning"]
+    assert t["seeds"] == [1000, 1001]  # never the figure's seed 0
+    table = np.asarray(t["table"])  # (α, grid, tune seeds)
+    assert table.shape == (4, 2, 2)
+    want = [grid[i] for i in np.argmin(table.max(-1), axis=1)]
+    assert t["rho"] == want
+    # at T = 300 the fast decay (budget η/(1−ρ) = 4) leaves small α unlearned: ρ = 0.996 wins
+    assert t["rho"][1:] == [S.RHO] * 3
+    fixed, per = data["schedules"]["fixed"], data["schedules"]["per_alpha"]
+    assert fixed["rho"] == [S.RHO] * 4
+    for i, r in enumerate(per["rho"]):
+        if r == S.RHO:
+            np.testing.assert_array_equal(per["curves"][i], fixed["curves"][i])
+        else:
+            assert not np.allclose(per["curves"][i], fixed["curves"][i])
+    rows = fig1c.claims(data)
+    assert [r["fig"] for r in rows] == ["1c"] * 3
+    assert "per-α" in rows[0]["claim"] and f"fixed ρ = {S.RHO}: slope" in rows[0]["measured"]
+    with pytest.raises(ValueError, match=r"rhos=\[0.9\]: expected 2 values"):
+        fig1c.alpha_sweep(1, 10, [1.0, 1e-3], rhos=[0.9])

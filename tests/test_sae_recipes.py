@@ -87,7 +87,7 @@ def test_log_theta_is_stored_and_its_gradient_is_the_chain_rule():
 
     def grad_theta(m):
         gd, p = nnx.split(m)
-        return jax.grad(lambda q: nnx.merge(gd, q).loss(x, **kw).loss)(p)["theta"][...]
+        return jax.jit(jax.grad(lambda q: nnx.merge(gd, q).loss(x, **kw).loss))(p)["theta"][...]
 
     g_log, g_raw = grad_theta(log_m), grad_theta(raw_m)
     assert float(jnp.max(jnp.abs(g_raw))) > 0
@@ -132,7 +132,7 @@ def test_preact_on_config_reaches_the_train_step():
                           preact_coef=0.05)
         hp = HParams.from_config(cfg)
         graphdef, state = init_state(cfg, hp, jax.random.key(0))
-        out[on] = float(train_step(graphdef, state, x, hp, cfg)[1]["loss"])
+        out[on] = float(jax.jit(lambda st: train_step(graphdef, st, x, hp, cfg))(state)[1]["loss"])
         model = nnx.merge(graphdef, state.params)
     assert TrainConfig(d_in=6, width=10, recipe="anthropic").preact_on == "all"
     want = 0.05 * _preact_closed_form(model, x, np.ones(10))
@@ -224,7 +224,7 @@ def test_constrained_decoder_step_matches_constrained_adam_and_keeps_unit_rows()
         graphdef, state = init_state(cfg, hp, jax.random.key(0))
         grads = jax.grad(lambda q: nnx.merge(graphdef, q).loss(
             x, lam=hp.lam, eps=hp.eps, sparsity="l0").loss)(state.params)
-        new, _ = train_step(graphdef, state, x, hp, cfg)
+        new, _ = jax.jit(lambda st: train_step(graphdef, st, x, hp, cfg))(state)
         w = np.asarray(new.params["W_dec"][...])
         np.testing.assert_allclose(np.linalg.norm(w, axis=1), 1.0, rtol=1e-6)
         res[mode] = w

@@ -81,6 +81,51 @@ class DenseGaussian:
         _checks.check_trailing_shape("v", v, (self.m,))
         return (v @ self.A).reshape(v.shape[:-1] + (self.d, self.d))
 
+    def l1_one_pass(self, U, y, block_rows: int | None = None):
+        """(‖r‖₁, 𝒜*(Sign r)) with r = 𝒜(UUᵀ) − y, in ONE pass over the rows of A.
+
+        U: (d, r'), y: (m,) -> (scalar, (d, d)). The ℓ1 loss and sub-gradient of Ma & Fattahi
+        (eq. 2 and Q of eq. 3, before the 1/m) need r = A vec(UUᵀ) − y and Q = Aᵀ Sign(r);
+        both are separable by rows, so each block of ``block_rows`` rows A_b serves both
+        products while it is in cache: r_b = A_b vec(UUᵀ) − y_b, ‖r‖₁ += ‖r_b‖₁,
+        Q += A_bᵀ Sign(r_b) (Sign(0) = 0). ``block_rows=None`` (or ≥ m) is one block: both
+        products read the same A and never the packed B (whose extra bytes can push the
+        working set out of cache). Blocks run in a ``lax.fori_loop`` over dynamic slices
+        of A (a last partial block, if m is not a multiple of ``block_rows``, runs after
+        it). Same maths as ``apply_gram`` + ``adjoint``; only the summation order of ‖r‖₁
+        and Q changes. Under ``vmap`` with this operator shared (``in_axes=None``) every
+        block's two products become matmuls over the instances. Which block size is
+        fastest is measured by ``python -m experiments.benchmarks.subgm_vs_numpy``
+        (numbers in the README).
+        """
+        _checks.check_shape("U", U, (self.d, None))
+        _checks.check_shape("y", y, (self.m,))
+        block_rows = _checks.check_positive_int("block_rows", block_rows, allow_none=True)
+        m, k = self.m, self.d * self.d
+        b = m if block_rows is None else min(block_rows, m)
+        x = (U @ U.T).reshape(k)
+
+        def block(Ab, yb):
+            r = jnp.einsum("bk,k->b", Ab, x) - yb  # contract A's own last axis (no transpose)
+            return jnp.sum(jnp.abs(r)), jnp.einsum("b,bk->k", jnp.sign(r), Ab)
+
+        n, tail = divmod(m, b)
+        if n == 1 and tail == 0:
+            s, q = block(self.A, y)
+        else:
+            def body(i, carry):
+                Ab = jax.lax.dynamic_slice_in_dim(self.A, i * b, b)
+                yb = jax.lax.dynamic_slice_in_dim(y, i * b, b)
+                sb, qb = block(Ab, yb)
+                return carry[0] + sb, carry[1] + qb
+
+            dt = jnp.result_type(self.A, x, y)
+            s, q = jax.lax.fori_loop(0, n, body, (jnp.zeros((), dt), jnp.zeros((k,), dt)))
+            if tail:
+                st, qt = block(self.A[n * b:], y[n * b:])
+                s, q = s + st, q + qt
+        return s, q.reshape(self.d, self.d)
+
     def with_packed(self) -> "DenseGaussian":
         """Return a copy carrying the packed symmetric part B (see class docstring)."""
         return self.replace(B=pack_symmetric(self.A, self.d))

@@ -1,20 +1,27 @@
 """Benchmark: jaxsense SubGM vs a plain NumPy implementation of Algorithm 1 (float64).
 
     python -m experiments.benchmarks.subgm_vs_numpy [--steps 2000] [--numpy-steps 2000]
+        [--rounds 3] [--block-rows B]
 
 Paper size d=20, r=3, m=500, r'=20, geometric step (eq. 10) with ‖Q‖₂:
  (a) one instance, T steps: NumPy loop (np.linalg.norm(Q, 2)) vs jaxsense (jit + lax.scan,
      ‖Q‖₂ by the warm-started power iteration; the exact-SVD option is timed too);
  (b) 64 instances (8 seeds × 8 outlier rates p) sharing one operator: NumPy runs them one
      after another; jaxsense vmaps them, so residuals and Q become single matmuls.
-Compile time is excluded (one warm-up call). Also timed: the same jaxsense loop with a
-constant step (no ‖Q‖₂ at all) — the floor any norm computation adds to, printed as the
-best speed-up this loop could reach. Prints a table; the LAST line is
-``speedup single=<x> sweep=<y>``.
+jaxsense is timed with both forms of the ℓ1 sub-gradient (``l1_pass``): "one" pass over
+A's rows (blocks of ``--block-rows``, default one block) and "two" (packed 𝒜(UUᵀ), then
+𝒜*(Sign r)). Compile time is excluded (one warm-up call). Also timed: the same jaxsense
+loop with a constant step (no ‖Q‖₂ at all) — the floor any norm computation adds to,
+printed as the best speed-up this loop could reach. Every case is timed once per round,
+rounds interleaved (the machine may be shared); the table shows the best round and the
+spread, and ``uptime`` is printed before each round. The LAST line is
+``speedup single=<x> sweep=<y>`` for the solver's default ``l1_pass="auto"`` ("one" for the
+single instance, "two" for the shared-operator sweep: ``jaxsense.solvers.resolve_l1_pass``).
 """
 from __future__ import annotations
 
 import argparse
+import subprocess
 import time
 
 import jax
@@ -39,14 +46,18 @@ def numpy_subgm(A, y, U0, eta, rho, T):
     return U
 
 
-def _time(fn, repeat=3):
-    best = np.inf
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        out = fn()
-        jax.block_until_ready(out)
-        best = min(best, time.perf_counter() - t0)
-    return best, out
+def _uptime():
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "uptime unavailable"
+
+
+def _timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    jax.block_until_ready(out)
+    return time.perf_counter() - t0, out
 
 
 def main(argv=None):
@@ -54,9 +65,22 @@ def main(argv=None):
     ap.add_argument("--steps", type=cli.pos_int, default=2000)
     ap.add_argument("--numpy-steps", type=cli.pos_int, default=2000,
                     help="steps per NumPy instance in the sweep (timed per iteration)")
+    ap.add_argument("--rounds", type=cli.pos_int, default=3,
+                    help="interleaved timing rounds (best and spread reported)")
+    ap.add_argument("--block-rows", type=cli.pos_int, default=None,
+                    help="row block of the one-pass ℓ1 sub-gradient (default: one block)")
     args = ap.parse_args(argv)
-    T = args.steps
-    rows = []
+    T, Tn = args.steps, args.numpy_steps
+    auto = js.make_solver(js.geometric(), "l1")  # the default l1_pass ("auto"), resolved:
+    default_single = js.solvers.resolve_l1_pass(auto, False).l1_pass
+    default_sweep = js.solvers.resolve_l1_pass(auto, True).l1_pass  # shared operator
+    times, outs = {}, {}
+
+    def record(name, fn):
+        t, out = _timed(fn)
+        times.setdefault(name, []).append(t)
+        outs[name] = out
+
     with jax.enable_x64(True):
         key = jax.random.PRNGKey(0)
         op = js.dense_gaussian(jax.random.fold_in(key, 1), M, D, jnp.float64)
@@ -66,71 +90,97 @@ def main(argv=None):
         U0 = js.spectral_sign_init(op, prob.y, RS, ALPHA)
         A_np, y_np, U0_np = np.asarray(op.A), np.asarray(prob.y), np.asarray(U0)
         Xs = np.asarray(truth.X_star)
-
-        # ---- (a) single instance
-        t_np, U_np = _time(lambda: numpy_subgm(A_np, y_np, U0_np, ETA, RHO, T))  # best of 3, like jaxsense
-        err_np = np.linalg.norm(U_np @ U_np.T - Xs) / np.linalg.norm(Xs)
-        res = {}
-        for norm in ("power", "svd"):
-            solver = js.subgm(js.geometric(ETA, RHO), norm=norm)
-            fn = lambda: js.run(solver, U0, op, prob.y, truth, num_steps=T, record_every=T,  # noqa: E731
-                                metrics=("loss",)).state.U
-            fn()  # compile
-            res[norm] = _time(fn)
-        floor = js.subgm(js.constant(1e-3))
-        fn0 = lambda: js.run(floor, U0, op, prob.y, truth, num_steps=T, record_every=T,  # noqa: E731
-                             metrics=("loss",)).state.U
-        fn0()
-        t_floor1 = _time(fn0)[0]
-        t_js, U_js = res["power"]
-        err_js = float(js.diagnostics.rel_fro_error(U_js, truth.X_star))
-        rows.append(("single", "numpy", T, 1, t_np, err_np))
-        rows.append(("single", "jaxsense (power)", T, 1, t_js, err_js))
-        rows.append(("single", "jaxsense (svd)", T, 1, res["svd"][0],
-                     float(js.diagnostics.rel_fro_error(res["svd"][1], truth.X_star))))
-
-        # ---- (b) 64 instances: 8 seeds × 8 p, one shared operator
         ps = jnp.repeat(jnp.linspace(0.0, 0.35, 8), 8)
         keys = jax.random.split(jax.random.fold_in(key, 4), 64)
         probs = jax.vmap(lambda k, p: js.make_problem(k, D, R, M, p=p, op=op, truth=truth,
                                                       dtype=jnp.float64))(keys, ps)
         U0s = jax.vmap(lambda y: js.spectral_sign_init(op, y, RS, ALPHA))(probs.y)
-        solver = js.subgm(js.geometric(ETA, RHO))
-        fnb = lambda: js.run(solver, U0s, op, probs.y, truth, num_steps=T, record_every=T,  # noqa: E731
-                             metrics=("loss",), in_axes={"U0": 0, "y": 0}).state.U
-        fnb()
-        t_jb, U_jb = _time(fnb)
-        fnb0 = lambda: js.run(floor, U0s, op, probs.y, truth, num_steps=T, record_every=T,  # noqa: E731
-                              metrics=("loss",), in_axes={"U0": 0, "y": 0}).state.U
-        fnb0()
-        t_floorb = _time(fnb0)[0]
-        errs_jb = np.asarray(jax.vmap(js.diagnostics.rel_fro_error, (0, None))(U_jb, truth.X_star))
-        Tn = args.numpy_steps
         Y_np, U0s_np = np.asarray(probs.y), np.asarray(U0s)
-        t0 = time.perf_counter()
-        errs_nb = []
-        for i in range(64):
-            Ui = numpy_subgm(A_np, Y_np[i], U0s_np[i], ETA, RHO, Tn)
-            errs_nb.append(np.linalg.norm(Ui @ Ui.T - Xs) / np.linalg.norm(Xs))
-        t_nb = (time.perf_counter() - t0) * T / Tn  # scaled to T steps per instance
-        rows.append(("sweep64", "numpy (sequential)", T, 64, t_nb, float(np.median(errs_nb))))
-        rows.append(("sweep64", "jaxsense (vmap)", T, 64, t_jb, float(np.median(errs_jb))))
 
-    print(f"device: {jax.devices()[0].device_kind}  dtype: float64  d={D} m={M} r'={RS}")
+        def solver(step, l1_pass, norm="power"):
+            return js.subgm(step, norm=norm, l1_pass=l1_pass,
+                            l1_block_rows=args.block_rows if l1_pass == "one" else None)
+
+        def single(sv):
+            return lambda: js.run(sv, U0, op, prob.y, truth, num_steps=T, record_every=T,
+                                  metrics=("loss",)).state.U
+
+        def batch(sv):
+            return lambda: js.run(sv, U0s, op, probs.y, truth, num_steps=T, record_every=T,
+                                  metrics=("loss",), in_axes={"U0": 0, "y": 0}).state.U
+
+        geo, flat = js.geometric(ETA, RHO), js.constant(1e-3)
+        cases = {}
+        for lp in ("one", "two"):
+            cases[("single", lp)] = single(solver(geo, lp))
+            cases[("floor1", lp)] = single(solver(flat, lp))
+            cases[("sweep", lp)] = batch(solver(geo, lp))
+            cases[("floorb", lp)] = batch(solver(flat, lp))
+        cases[("svd", default_single)] = single(solver(geo, default_single, "svd"))
+        for fn in cases.values():
+            fn()  # compile + warm-up
+
+        def numpy_sweep():
+            errs = []
+            for i in range(64):
+                Ui = numpy_subgm(A_np, Y_np[i], U0s_np[i], ETA, RHO, Tn)
+                errs.append(np.linalg.norm(Ui @ Ui.T - Xs) / np.linalg.norm(Xs))
+            return np.asarray(errs)
+
+        for rnd in range(args.rounds):
+            print(f"round {rnd + 1}/{args.rounds}: {_uptime()}", flush=True)
+            record("numpy single", lambda: numpy_subgm(A_np, y_np, U0_np, ETA, RHO, T))
+            for name, fn in cases.items():
+                record(name, fn)
+            record("numpy sweep", numpy_sweep)
+        print(f"after: {_uptime()}")
+
+        rel = lambda U: float(js.diagnostics.rel_fro_error(U, truth.X_star))  # noqa: E731
+        rel_b = lambda U: float(np.median(np.asarray(jax.vmap(  # noqa: E731
+            js.diagnostics.rel_fro_error, (0, None))(U, truth.X_star))))
+        U_np = outs["numpy single"]
+        rows = [("single", "numpy", T, 1, "numpy single",
+                 np.linalg.norm(U_np @ U_np.T - Xs) / np.linalg.norm(Xs))]
+        for lp in ("one", "two"):
+            rows.append(("single", f"jaxsense power/{lp}", T, 1, ("single", lp),
+                         rel(outs[("single", lp)])))
+        rows.append(("single", f"jaxsense svd/{default_single}", T, 1, ("svd", default_single),
+                     rel(outs[("svd", default_single)])))
+        scale = T / Tn  # the NumPy sweep is timed at Tn steps per instance, scaled to T
+        times["numpy sweep"] = [t * scale for t in times["numpy sweep"]]
+        rows.append(("sweep64", "numpy (sequential)", T, 64, "numpy sweep",
+                     float(np.median(outs["numpy sweep"]))))
+        for lp in ("one", "two"):
+            rows.append(("sweep64", f"jaxsense vmap/{lp}", T, 64, ("sweep", lp),
+                         rel_b(outs[("sweep", lp)])))
+
+    best = {k: min(v) for k, v in times.items()}
+    br = "one block" if args.block_rows is None else f"block_rows={args.block_rows}"
+    print(f"device: {jax.devices()[0].device_kind}  dtype: float64  d={D} m={M} r'={RS}  "
+          f"one-pass: {br}  default l1_pass: single={default_single} sweep={default_sweep}  "
+          f"rounds={args.rounds}")
     print(f"{'case':8s} {'impl':22s} {'steps':>6s} {'inst':>5s} {'wall s':>8s} "
-          f"{'us/inst-iter':>13s} {'rel err (median)':>17s}")
-    for case, impl, steps, n, t, err in rows:
-        print(f"{case:8s} {impl:22s} {steps:6d} {n:5d} {t:8.3f} {1e6 * t / (steps * n):13.2f} {err:17.2e}")
+          f"{'us/inst-iter':>13s} {'(worst round)':>13s} {'rel err (median)':>17s}")
+    for case, impl, steps, n, name, err in rows:
+        t, worst = best[name], max(times[name])
+        print(f"{case:8s} {impl:22s} {steps:6d} {n:5d} {t:8.3f} {1e6 * t / (steps * n):13.2f} "
+              f"{1e6 * worst / (steps * n):13.2f} {err:17.2e}")
     if Tn != T:
         print(f"(numpy sweep timed at {Tn} steps per instance and scaled to {T}; its error column "
               f"is after {Tn} steps)")
-    print(f"floor (constant step, no norm): single {1e6 * t_floor1 / T:.2f} us/iter, "
-          f"sweep {1e6 * t_floorb / (T * 64):.2f} us/inst-iter -> best reachable speedup "
-          f"single={t_np / t_floor1:.2f} sweep={t_nb / t_floorb:.2f}")
-    single = t_np / t_js
-    sweep = t_nb / t_jb
+    t_np, t_nb = best["numpy single"], best["numpy sweep"]
+    for lp in ("one", "two"):
+        f1, fb = best[("floor1", lp)], best[("floorb", lp)]
+        print(f"floor {lp}-pass (constant step, no norm): single {1e6 * f1 / T:.2f} us/iter, "
+              f"sweep {1e6 * fb / (T * 64):.2f} us/inst-iter -> best reachable speedup "
+              f"single={t_np / f1:.2f} sweep={t_nb / fb:.2f}")
+    for lp in ("one", "two"):
+        print(f"l1_pass={lp}: speedup single={t_np / best[('single', lp)]:.2f} "
+              f"sweep={t_nb / best[('sweep', lp)]:.2f}")
+    single = t_np / best[("single", default_single)]
+    sweep = t_nb / best[("sweep", default_sweep)]
     print(f"speedup single={single:.2f} sweep={sweep:.2f}")
-    return {"single": single, "sweep": sweep, "rows": rows}
+    return {"single": single, "sweep": sweep, "times": times}
 
 
 if __name__ == "__main__":

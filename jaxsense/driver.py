@@ -9,8 +9,6 @@ Batched runs (a sweep) pass ``in_axes`` naming which arguments carry a leading b
 e.g. ``in_axes={"U0": 0, "y": 0, "truth": 0}``: the scan is ``jax.vmap``-ed and instances
 that share the operator (``op`` unbatched) compute residuals and Q as single matmuls.
 The run is split into equal chunks (one compilation) so that a tqdm bar shows progress.
-A solver with ``l1_pass="auto"`` runs the one-pass ℓ1 sub-gradient, or the two-read form when
-instances share the operator (:func:`jaxsense.solvers.resolve_l1_pass`).
 
 Metrics (recorded at iterations t = 0, k, 2k, …; loss/step/q_norm are those of iteration t):
   fro_error, rel_fro_error, op_error, loss, step, q_norm,
@@ -28,7 +26,7 @@ from tqdm.auto import tqdm
 
 from jaxsense import _checks, diagnostics
 from jaxsense.mesh import host_gather
-from jaxsense.solvers import Solver, SolverState, resolve_l1_pass
+from jaxsense.solvers import Solver, SolverState
 
 TRUTH_METRICS = ("fro_error", "rel_fro_error", "op_error", "signal", "cross", "residual",
                  "F_norm", "G_norm", "eigs")
@@ -163,8 +161,6 @@ def run(solver: Solver, U0, op, y, truth=None, *, num_steps: int, record_every: 
         state = jax.vmap(solver.init)(U0)
     elif B is not None:  # broadcast one start to every instance of the batch
         state = jax.tree_util.tree_map(lambda a: jnp.broadcast_to(a, (B,) + a.shape), state)
-    # "auto" ℓ1 pass: matmuls for instances sharing the operator, one pass over A otherwise
-    solver = resolve_l1_pass(solver, B is not None and axes[2] is None)
     fn = _chunk_fn(record_every, per_chunk, metrics, axes)
     hists = []
     with tqdm(total=num_steps, desc=desc, disable=not progress, unit="it") as bar:

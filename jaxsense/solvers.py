@@ -9,9 +9,9 @@ One iteration (Ma & Fattahi, Algorithm 1 / eq. 3):
     D_t = (Q_t + Q_tᵀ) U_t,   U_{t+1} = U_t − η_t D_t.
 For a dense Gaussian operator the ℓ1 residuals and Q_t come from one pass over A's rows
 (``l1_pass="one"``, :meth:`jaxsense.operators.DenseGaussian.l1_one_pass`) or two reads
-(``"two"``); same iterates up to float rounding. The default ``"auto"`` is "one", except in
-:func:`jaxsense.run` for instances vmapped over one shared operator, which get "two"
-(:func:`resolve_l1_pass`).
+(``"two"``); same iterates up to float rounding. "one" is the default: on this project's
+CPU it was faster for a single instance and not slower for sweeps sharing the operator
+(``python -m experiments.benchmarks.subgm_vs_numpy``; numbers in the README).
 
 Step rules (pytrees: η, ρ are leaves, so a sweep can vmap over them):
 - :func:`geometric` — η_t = η ρ^t / ‖Q_t‖₂ (eq. 10). ‖Q_t‖₂ comes from a power iteration
@@ -45,7 +45,6 @@ from jaxsense.losses import L1_PASSES, LOSSES, direction, loss_and_q
 
 STEP_KINDS = ("geometric", "polyak", "constant")
 NORMS = ("power", "svd")
-L1_PASS_CHOICES = ("auto",) + L1_PASSES
 
 
 @struct.dataclass
@@ -279,7 +278,7 @@ class Solver:
     norm: str = struct.field(pytree_node=False, default="power")
     power_squarings: int = struct.field(pytree_node=False, default=10)
     power_filter_dtype: str | None = struct.field(pytree_node=False, default="float32")
-    l1_pass: str = struct.field(pytree_node=False, default="auto")
+    l1_pass: str = struct.field(pytree_node=False, default="one")
     l1_block_rows: int | None = struct.field(pytree_node=False, default=None)
 
     def init(self, U0) -> SolverState:
@@ -293,8 +292,7 @@ class Solver:
     def update(self, state: SolverState, op, y, X_star=None):
         """One iteration: returns (new_state, StepInfo at U_t)."""
         U, t = state.U, state.t
-        l1_pass = "one" if self.l1_pass == "auto" else self.l1_pass
-        f, Q = loss_and_q(self.loss, op, U, y, X_star, l1_pass=l1_pass,
+        f, Q = loss_and_q(self.loss, op, U, y, X_star, l1_pass=self.l1_pass,
                           block_rows=self.l1_block_rows)
         v = state.v
         if self.step.kind == "geometric":
@@ -314,30 +312,15 @@ class Solver:
         return SolverState(U=U_new, t=t + 1, v=v), StepInfo(loss=f, step=eta_t, q_norm=q_norm)
 
 
-def resolve_l1_pass(solver: Solver, shared_operator_batch: bool) -> Solver:
-    """The solver with ``l1_pass="auto"`` made concrete (other values are kept).
-
-    "auto" → ``"two"`` when ``shared_operator_batch`` (instances vmapped over ONE operator:
-    𝒜(UUᵀ) and 𝒜*(Sign r) become matmuls whose cost is their multiply-adds, and the packed
-    symmetric part does ≈ half those of the first product), else ``"one"`` (a single
-    instance, or one operator per instance: matrix–vector products whose cost is reading
-    A, which the one-pass form reads once per iteration instead of A plus its packed part).
-    The choice follows the timings of ``python -m experiments.benchmarks.subgm_vs_numpy``
-    (README, "Measured benchmarks"); the maths is the same either way."""
-    if solver.l1_pass != "auto":
-        return solver
-    return solver.replace(l1_pass="two" if shared_operator_batch else "one")
-
-
 def make_solver(step: StepRule, loss: str, norm: str = "power", power_squarings: int = 10,
-                power_filter_dtype: str | None = "float32", l1_pass: str = "auto",
+                power_filter_dtype: str | None = "float32", l1_pass: str = "one",
                 l1_block_rows: int | None = None) -> Solver:
     """Validate the settings and build a :class:`Solver`.
 
     ``l1_pass`` / ``l1_block_rows``: how the ℓ1 loss and Q are formed for a dense Gaussian
     operator — ``"one"`` pass over A's rows in blocks of ``l1_block_rows`` (None: one block
-    of all m rows), ``"two"`` reads (packed 𝒜(UUᵀ), then 𝒜*(Sign r)), or ``"auto"``
-    (:func:`resolve_l1_pass`); see :func:`jaxsense.losses.l1_loss_and_q`. Identical maths."""
+    of all m rows) or ``"two"`` reads (packed 𝒜(UUᵀ), then 𝒜*(Sign r)); see
+    :func:`jaxsense.losses.l1_loss_and_q`. Identical maths."""
     if not isinstance(step, StepRule):
         raise TypeError(f"step={step!r}: expected a StepRule (geometric/polyak/constant)")
     _checks.check_choice("step.kind", step.kind, STEP_KINDS)
@@ -345,7 +328,7 @@ def make_solver(step: StepRule, loss: str, norm: str = "power", power_squarings:
     _checks.check_choice("norm", norm, NORMS)
     _checks.check_int("power_squarings", power_squarings, low=0)
     power_filter_dtype = _checks.check_filter_dtype("power_filter_dtype", power_filter_dtype)
-    _checks.check_choice("l1_pass", l1_pass, L1_PASS_CHOICES)
+    _checks.check_choice("l1_pass", l1_pass, L1_PASSES)
     l1_block_rows = _checks.check_positive_int("l1_block_rows", l1_block_rows, allow_none=True)
     return Solver(step=step, loss=loss, norm=norm, power_squarings=power_squarings,
                   power_filter_dtype=power_filter_dtype, l1_pass=l1_pass,

@@ -15,8 +15,7 @@ loop with a constant step (no ‖Q‖₂ at all) — the floor any norm computat
 printed as the best speed-up this loop could reach. Every case is timed once per round,
 rounds interleaved (the machine may be shared); the table shows the best round and the
 spread, and ``uptime`` is printed before each round. The LAST line is
-``speedup single=<x> sweep=<y>`` for the solver's default ``l1_pass="auto"`` ("one" for the
-single instance, "two" for the shared-operator sweep: ``jaxsense.solvers.resolve_l1_pass``).
+``speedup single=<x> sweep=<y>`` for the solver's default ``l1_pass``.
 """
 from __future__ import annotations
 
@@ -71,9 +70,7 @@ def main(argv=None):
                     help="row block of the one-pass ℓ1 sub-gradient (default: one block)")
     args = ap.parse_args(argv)
     T, Tn = args.steps, args.numpy_steps
-    auto = js.make_solver(js.geometric(), "l1")  # the default l1_pass ("auto"), resolved:
-    default_single = js.solvers.resolve_l1_pass(auto, False).l1_pass
-    default_sweep = js.solvers.resolve_l1_pass(auto, True).l1_pass  # shared operator
+    default_single = default_sweep = js.make_solver(js.geometric(), "l1").l1_pass
     times, outs = {}, {}
 
     def record(name, fn):

@@ -7,8 +7,10 @@
 Prints ONE table (a row per part) and exits 1 if a correctness check fails, else 0.
 
 1. SubGM sweep (:func:`jaxsense.sweep`, instances sharing one Gaussian operator, the
-   solver's default ℓ1 pass and power-iteration norm): full size d=100, r=5, m=4000, r'=10,
-   256 instances (4 outlier rates × 64 seeds), float32 with matmul precision "highest"
+   power-iteration norm, the solver's default ℓ1 form unless ``--l1-pass`` picks one):
+   full size d=100, r=5, m=4000, r'=10, 256 instances (4 outlier rates × 64 seeds), step
+   η = 0.2, ρ = 0.99 (chosen here so that 2000 steps reach float32's error floor at this
+   size), float32 with matmul precision "highest"
    (the JAX default on GPU, TF32, flips signs of small residuals and floors the error).
    Throughput: instance-iterations/s of the whole checked run (compile excluded by a
    warm-up chunk). Ceiling: the roofline min(matmul rate, bandwidth × FLOPs/bytes), with
@@ -103,7 +105,7 @@ def _row(part, size, dtype, throughput, ceiling, fraction, ok, detail):
 
 # ------------------------------------------------------------------ 1. SubGM sweep
 def bench_subgm(c: dict, dtype_name: str, precision: str, tol: float, inject: bool,
-                tiny: bool) -> tuple[dict, dict]:
+                tiny: bool, l1_pass: str | None = None) -> tuple[dict, dict]:
     import jax
     import jax.numpy as jnp
 
@@ -120,12 +122,13 @@ def bench_subgm(c: dict, dtype_name: str, precision: str, tol: float, inject: bo
                      dtype=dtype, precision=precision, devices=jax.devices()[:1],
                      prepare_only=True)  # one device, as `make bench-gpu` measures
         y = prep.y[:, ::-1] if inject else prep.y  # injected: y no longer matches 𝒜(X*)
+        solver = prep.solver if l1_pass is None else prep.solver.replace(l1_pass=l1_pass)
         k = T // 10
         kw = dict(record_every=k, metrics=("rel_fro_error",), in_axes=prep.in_axes)
         with matmul_precision(precision):
-            js.run(prep.solver, prep.U0, prep.op, y, prep.truth, num_steps=k, **kw)  # compile
+            js.run(solver, prep.U0, prep.op, y, prep.truth, num_steps=k, **kw)  # compile
             t0 = time.perf_counter()
-            res = js.run(prep.solver, prep.U0, prep.op, y, prep.truth, num_steps=T,
+            res = js.run(solver, prep.U0, prep.op, y, prep.truth, num_steps=T,
                          num_chunks=10, **kw)
             jax.block_until_ready(res.state.U)
             wall = time.perf_counter() - t0
@@ -140,7 +143,8 @@ def bench_subgm(c: dict, dtype_name: str, precision: str, tol: float, inject: bo
     frac = flops / per_it / roof
     ips = B * T / wall
     ok = bool(np.all(np.isfinite(err)) and err.max() <= tol)
-    row = _row("SubGM sweep", f"d={d} m={m} r'={rs} B={B} T={T}", f"{dtype_name}/{precision}",
+    row = _row("SubGM sweep", f"d={d} m={m} r'={rs} B={B} T={T} l1_pass={solver.l1_pass}",
+               f"{dtype_name}/{precision}",
                f"{ips:,.0f} inst-iter/s ({flops / per_it / 1e12:.2f} TFLOP/s)",
                f"roofline {roof / 1e12:.2f} TFLOP/s "
                f"({'matmul' if mm <= bw * ai else 'bandwidth'}-bound)",
@@ -293,6 +297,8 @@ def main(argv=None) -> int:
     ap.add_argument("--subgm-dtype", choices=["float32", "float64"], default="float32")
     ap.add_argument("--precision", default="highest",
                     choices=["highest", "high", "default", "tensorfloat32"])
+    ap.add_argument("--l1-pass", choices=["one", "two"], default=None,
+                    help="SubGM's l1 sub-gradient form (default: the solver's default)")
     ap.add_argument("--subgm-tol", type=cli.pos_float, default=None,
                     help="max final relative error (default 1e-4 float32, 1e-9 float64)")
     a = ap.parse_args(argv)
@@ -311,7 +317,7 @@ def main(argv=None) -> int:
                               flush=True)
     if "subgm" in a.parts:
         row, out["subgm"] = bench_subgm(sizes["subgm"], a.subgm_dtype, a.precision, tol,
-                                        "subgm" in a.inject_failure, a.tiny)
+                                        "subgm" in a.inject_failure, a.tiny, a.l1_pass)
         rows.append(row)
         _log("subgm")
     if "sae" in a.parts:

@@ -171,11 +171,26 @@ def _filtered_pair(Q, B, v):
     return W[..., 0], W[..., 1]
 
 
+def _gram_outer(M):
+    """Mᵀ M = Σ_k m_k m_kᵀ (m_k the rows of M) as ONE elementwise fusion of d outer products;
+    for symmetric M this is M². M: (n, d) with small n."""
+    C = M[0, :, None] * M[0, None, :]
+    for k in range(1, M.shape[0]):
+        C = C + M[k, :, None] * M[k, None, :]
+    return C
+
+
 def _power_single(Q, v, squarings, filter_dtype):
+    """One instance. For square Q, d ≤ 32 and a float32 (or narrower) filter, QᵀQ and its
+    squarings are sums of outer products (:func:`_gram_outer`), one fusion each: XLA CPU
+    ran them faster than its 20×20 matmul calls in the single-instance SubGM loop (A/B
+    timing: README, "Measured benchmarks"); otherwise matmuls."""
     Qf = _scaled(Q, filter_dtype, None)
-    B = _normalize_psd(Qf.T @ Qf, jnp.trace)
+    n, d = Qf.shape
+    outer = n == d and d <= _BATCH_LAST_MAX_D and Qf.dtype.itemsize <= 4
+    B = _normalize_psd(_gram_outer(Qf) if outer else Qf.T @ Qf, jnp.trace)
     for _ in range(squarings):
-        B = _normalize_psd(B @ B, jnp.trace)
+        B = _normalize_psd(_gram_outer(B) if outer else B @ B, jnp.trace)
     return _ritz_pair(Q, *_filtered_pair(Q, B, v))
 
 

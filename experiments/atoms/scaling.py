@@ -220,6 +220,7 @@ def main(argv=None):
 
     if not os.path.exists(os.path.join(a.cache_dir, "manifest.json")):
         cache(AtomsConfig(layers=(a.layer,), max_tokens=a.max_tokens), a.cache_dir)
+    git = git_state()  # the code this run starts with (HEAD may move while it runs)
     x = layer_data(a.cache_dir, a.layer, a.max_tokens)
     plateau = None
     if a.plateau_window > 0:
@@ -230,7 +231,7 @@ def main(argv=None):
                       steps=a.steps, batch_size=a.batch_size, n_r2=a.n_r2,
                       lam_warmup_steps=a.lam_warmup_steps, plateau=plateau,
                       log=lambda m: print(m, flush=True))
-    res.update(layer=a.layer, n_rows=int(x.shape[0]), git=git_state(),
+    res.update(layer=a.layer, n_rows=int(x.shape[0]), git=git,
                command="python -m experiments.atoms.scaling " + " ".join(
                    sys.argv[1:] if argv is None else argv))
     os.makedirs(a.out, exist_ok=True)

@@ -203,8 +203,14 @@ def _l2_rip(op, key, k, n_samples, symmetric, mode, steps, lr):
 
     def body(_, carry):
         Mu, Md, hi, lo = carry
-        Mu = _unit(project_rank(Mu + lr * grad(Mu), k, symmetric))
-        Md = _unit(project_rank(Md - lr * grad(Md), k, symmetric))
+        # ascent and descent projected in ONE batched eigh: two independent batched eigh
+        # calls run concurrently on XLA's CPU intra-op pool, and each (jaxlib's LAPACK
+        # ParallelBatchMap) blocks a pool thread waiting for sub-tasks queued on that same
+        # pool, so on a 2-thread pool the loop deadlocked (seen on a 2-core CPU, jax 0.10.2)
+        n = Mu.shape[0]
+        both = _unit(project_rank(jnp.concatenate([Mu + lr * grad(Mu), Md - lr * grad(Md)]),
+                                  k, symmetric))
+        Mu, Md = both[:n], both[n:]
         return Mu, Md, jnp.maximum(hi, _ratios(op, Mu)), jnp.minimum(lo, _ratios(op, Md))
 
     _, _, hi, lo = jax.lax.fori_loop(0, steps, body, (M, M, r0, r0))

@@ -190,17 +190,17 @@ def test_float32_runs(x64):
 def test_l1_one_pass_run_equals_two_pass(x64):
     """A SubGM run gives the same iterates, losses and ‖Q_t‖₂ with l1_pass="one" (the
     default) as with "two" (float64): single instance with one block, and vmapped over
-    instances sharing the operator with 64-row blocks (500 = 7·64 + 52: a tail block)."""
-    op = js.dense_gaussian(jax.random.PRNGKey(3), 500, 20, jnp.float64)
-    probs = [js.make_problem(jax.random.PRNGKey(10 + i), p=0.2, op=op, dtype=jnp.float64)
-             for i in range(3)]
-    U0 = jnp.stack([js.spectral_sign_init(op, pr.y, 20, 1e-3) for pr in probs])
+    instances sharing the operator with 32-row blocks (200 = 6·32 + 8: a tail block)."""
+    op = js.dense_gaussian(jax.random.PRNGKey(3), 200, 10, jnp.float64)
+    probs = [js.make_problem(jax.random.PRNGKey(10 + i), d=10, r=2, m=200, p=0.2, op=op,
+                             spectrum=(5.0, 1.0), dtype=jnp.float64) for i in range(3)]
+    U0 = jnp.stack([js.spectral_sign_init(op, pr.y, 10, 1e-3) for pr in probs])
     Y = jnp.stack([pr.y for pr in probs])
-    kw = dict(num_steps=300, record_every=50, metrics=("loss", "q_norm"))
+    kw = dict(num_steps=200, record_every=50, metrics=("loss", "q_norm"))
     geo = js.geometric(ETA, RHO)
     default, two = js.subgm(geo), js.subgm(geo, l1_pass="two")
     assert (default.l1_pass, default.l1_block_rows) == ("one", None)
-    blocked = js.subgm(geo, l1_pass="one", l1_block_rows=64)
+    blocked = js.subgm(geo, l1_pass="one", l1_block_rows=32)
     batch = dict(in_axes={"U0": 0, "y": 0})
     res = {("one", "single"): js.run(default, U0[0], op, Y[0], **kw),
            ("two", "single"): js.run(two, U0[0], op, Y[0], **kw),

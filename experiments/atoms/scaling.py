@@ -172,7 +172,8 @@ def plot(res, path):
     panels = [("r2_train", "in-sample R² (training rows)"), ("r2", "held-out R²")]
     if "r2_train" not in res:
         panels = panels[1:]
-    lo = min(0.0, *(np.nanmin(np.asarray(res[k])) for k, _ in panels))
+    lo = 0.0  # colour scale [0, 1] so the in-sample / held-out gap near 1 stays visible;
+    # negative R² cells take the lowest colour (their values are printed in the cells)
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
     for ax, (k, title) in zip(axes[0], panels):
         R2 = np.asarray(res[k])
@@ -187,7 +188,7 @@ def plot(res, path):
                 ax.text(j, i, f"{R2[i, j]:.3f}{mark}", ha="center", va="center", color="w",
                         fontsize=7)
         ax.set_title(f"{title} ({res['variant']})", fontsize=9)
-        fig.colorbar(im, ax=ax, label="R²")
+        fig.colorbar(im, ax=ax, label="R²", extend="min")
     fig.suptitle(f"{res['steps']} steps × {res.get('batch_size', '?')} rows per cell; "
                  "† = |D| ≥ |M|", fontsize=8)
     fig.tight_layout()

@@ -137,9 +137,9 @@ def plot(data: dict, path, ylabel=r"$\|UU^\top - X^*\|_F$", title=None):
     for ax, name in zip(axes, SCHEDULES):
         sc = data["schedules"][name]
         rho = ", ".join(f"{r:g}" for r in sc["rho"])
+        what = f"(a) fixed ρ = {sc['rho'][0]:g}" if name == "fixed" else f"(b) ρ tuned per α: {rho}"
         _panel(ax, data["iterations"], data["alpha"], sc["curves"],
-               f"Fig. 1c ({'fixed ρ' if name == 'fixed' else 'ρ tuned per α'}: ρ = {rho}), "
-               f"r' = {s['r_search']}, p = {s['p']}", ylabel)
+               f"Fig. 1c {what}; r' = {s['r_search']}, p = {s['p']}", ylabel)
     common.save_fig(fig, path)
 
 

@@ -18,6 +18,7 @@ neurons are D = I. Writes ``readings_extra.json`` and ``readings_extra.md`` ther
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -96,15 +97,24 @@ def to_markdown(ex: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _run_dir(s: str) -> str:
+    if not os.path.isfile(os.path.join(s, "table.json")):
+        raise argparse.ArgumentTypeError(
+            f"{s!r}: expected a run folder of experiments.atoms.run (with table.json)")
+    return s
+
+
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        raise SystemExit("usage: python -m experiments.atoms.readings RUN_DIR")
-    ex = extra_readings(argv[0])
-    atomic_write_bytes(os.path.join(argv[0], "readings_extra.json"),
+    ap = argparse.ArgumentParser(prog="python -m experiments.atoms.readings",
+                                 description=__doc__.split("\n\n")[0])
+    ap.add_argument("run_dir", type=_run_dir,
+                    help="run folder holding table.json and units_layer{L}.npz")
+    run_dir = ap.parse_args(sys.argv[1:] if argv is None else argv).run_dir
+    ex = extra_readings(run_dir)
+    atomic_write_bytes(os.path.join(run_dir, "readings_extra.json"),
                        json.dumps(ex, indent=1).encode())
-    save_text(os.path.join(argv[0], "readings_extra.md"), to_markdown(ex))
-    print(f"wrote {argv[0]}/readings_extra.json readings_extra.md")
+    save_text(os.path.join(run_dir, "readings_extra.md"), to_markdown(ex))
+    print(f"wrote {run_dir}/readings_extra.json readings_extra.md")
     return ex
 
 

@@ -329,23 +329,30 @@ def analyze_layer(x: np.ndarray, cfg: AtomsConfig, layer: int, log=print,
 
 
 # ------------------------------------------------------------------------------ outputs
+def held_out_texts(cache_dir: str, texts, n: int, arg: str = "n") -> tuple[list[str], int]:
+    """The ``n`` corpus texts right after those the cache consumed (never seen by S̃ or the
+    SAEs), and the index of the first. ValueError naming ``arg`` if the corpus ends first."""
+    import itertools
+
+    from sae.activations import read_manifest
+    from sae.corpus import as_text_source
+
+    consumed = read_manifest(cache_dir)["source"]["texts_consumed"]
+    out = list(itertools.islice(as_text_source(texts), consumed, consumed + n))
+    if not out:
+        raise ValueError(f"{arg}={n}: the corpus has no texts after the {consumed} that the "
+                         "cache consumed; expected a longer corpus")
+    return out, consumed
+
+
 def splice_context(cfg: AtomsConfig, cache_dir: str) -> dict | None:
     """Model, tokenizer and ``cfg.splice_texts`` held-out texts (the corpus texts right after
     those the cache consumed) for the spliced-model columns; None when splice_texts = 0."""
     if cfg.splice_texts <= 0:
         return None
-    import itertools
-
     from sae import models
-    from sae.activations import read_manifest
-    from sae.corpus import as_text_source
 
-    consumed = read_manifest(cache_dir)["source"]["texts_consumed"]
-    texts = list(itertools.islice(as_text_source(cfg.texts), consumed,
-                                  consumed + cfg.splice_texts))
-    if not texts:
-        raise ValueError(f"splice_texts={cfg.splice_texts}: the corpus has no texts after the "
-                         f"{consumed} that the cache consumed")
+    texts, consumed = held_out_texts(cache_dir, cfg.texts, cfg.splice_texts, "splice_texts")
     model, tok = models.load(resolve_model(cfg.model))
     causal = callable(getattr(model, "get_output_embeddings", None)) and \
         model.get_output_embeddings() is not None

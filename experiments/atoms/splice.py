@@ -20,7 +20,6 @@ Example (the docs/smollm2.md table):
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import sys
@@ -128,10 +127,8 @@ def main(argv=None):
     rp.add_argument("--texts", default=None)
     ra, _ = rp.parse_known_args(run_args)
 
-    from experiments.atoms import run
+    from experiments.atoms import pipeline, run
     from sae import models
-    from sae.activations import read_manifest
-    from sae.corpus import as_text_source
     from sae.evals import splice_eval_many
 
     cache_dir = ra.cache_dir or os.path.join(ra.out, "cache")
@@ -142,12 +139,8 @@ def main(argv=None):
     def on_layer(layer, chosen):
         t0 = time.perf_counter()
         if not state:  # the cache is complete once the first layer is analysed
-            consumed = read_manifest(cache_dir)["source"]["texts_consumed"]
-            texts = list(itertools.islice(as_text_source(ra.texts), consumed,
-                                          consumed + a.ce_texts))
-            if not texts:
-                raise ValueError(f"--ce-texts: the corpus has no texts after the {consumed} "
-                                 f"that the cache consumed; expected a longer corpus")
+            texts, consumed = pipeline.held_out_texts(cache_dir, ra.texts, a.ce_texts,
+                                                      "--ce-texts")
             state["texts"], state["first"] = texts, consumed
             state["model"], state["tok"] = models.load(ra.model)
             out.update(ce_texts=len(texts), first_text=consumed)
